@@ -1,0 +1,32 @@
+# FaceSym: `make test` and `make run` are the whole set-up on a machine with Python 3.11.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test run lint bench venv clean
+
+venv: $(STAMP)
+
+# Re-runs only when the pins change; pip itself is idempotent on a live venv.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+run: $(STAMP)
+	$(VENV)/bin/facesym demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check service tests bench scripts
+	$(VENV)/bin/mypy service
+
+bench: $(STAMP)
+	$(PY) bench/engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Media adapters: decode videos, stills and DICOM objects into RGB frames; encode H.264."""
