@@ -62,3 +62,72 @@ class MediaSource(Protocol):
     def info(self) -> MediaInfo: ...
 
     def frames(self) -> Iterator[Frame]: ...
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Quality-control verdict: ``ok`` False means "not analysable" and ``reasons`` says why.
+
+    ``warnings`` are findings that did not stop the analysis (e.g. a face lost for a few frames).
+    """
+
+    ok: bool
+    reasons: tuple[str, ...]
+    warnings: tuple[str, ...]
+    valid_frames: int
+    total_frames: int
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """The scores of one task (DESIGN.md, "Scores"). Magnitudes are per PATIENT side.
+
+    Frame ranges are inclusive [first, last] indices into the analysed sequence. ``method`` is
+    "pixels" (Lucas–Kanade motion under the landmarks) or "landmarks" (FaceMesh positions only).
+    """
+
+    task: Task
+    frames: tuple[int, int]
+    rest_frames: tuple[int, int]
+    peak_frames: tuple[int, int]
+    left: float
+    right: float
+    asymmetry_index: float
+    activation_gate: float
+    asymmetry_score: float
+    cosine_index: float
+    cosine_score: float
+    weaker_side: Side | None
+    method: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def unit(self) -> str:
+        return self.task.unit
+
+    @property
+    def insufficient_activation(self) -> bool:
+        return self.activation_gate < 1.0
+
+
+@dataclass(frozen=True)
+class StaticItem:
+    """A left-vs-right static measurement on a rest photo (Auto-eFACE static items), in D units."""
+
+    name: str
+    left: float
+    right: float
+
+    @property
+    def difference(self) -> float:
+        """left − right, in D (positive: the patient's left is higher / wider)."""
+        return self.left - self.right
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What the engine says about one input (a clip, a photo pair or one photo)."""
+
+    quality: Quality
+    tasks: tuple[TaskResult, ...]
+    static: tuple[StaticItem, ...] = ()

@@ -1,0 +1,226 @@
+"""The facesym command: the one place that wires settings, logging, media, engine and reports.
+
+Exit codes (analyze): 0 analysed, 2 unreadable input, 3 not analysable (QC reasons printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from service import __version__
+from service.domain import Analysis, Side, Task
+from service.errors import FaceSymError, NotAnalysableError, UnreadableInputError
+
+log = logging.getLogger("facesym")
+EXIT_OK, EXIT_UNREADABLE, EXIT_NOT_ANALYSABLE = 0, 2, 3
+
+
+def _parse_task(value: str) -> Task | None:
+    if value == "auto":
+        return None
+    try:
+        return Task(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--task must be auto, smile, eye_closure or brow_raise, not {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="facesym", description="Facial-palsy analysis (smile, eye closure, brow raise).")
+    p.add_argument("--version", action="version", version=f"facesym {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("analyze", help="analyse a clip, a rest + expression photo pair, or one rest photo")
+    a.add_argument("path", help="video (mp4/mov/avi...), DICOM object or photo; with PATH2 the rest photo")
+    a.add_argument("path2", nargs="?", help="expression photo (when PATH is the rest photo)")
+    a.add_argument("--task", type=_parse_task, default=None, metavar="auto|smile|eye_closure|brow_raise",
+                   help="task shown (default auto: find the tasks in the clip)")
+    a.add_argument("--json", metavar="FILE", help="write the result as JSON (- for stdout)")
+    a.add_argument("--mirrored", action="store_true", help="input is mirrored (selfie camera)")
+
+    ph = sub.add_parser("phantom", help="synthesise a clip with known per-side motion (for validation)")
+    ph.add_argument("out", help="output file (.mp4 or .dcm); the ground truth JSON goes beside it")
+    ph.add_argument("--face", help="real face photo to warp (default: the bundled demo face)")
+    for task in Task:
+        ph.add_argument(f"--{task.value.replace('_', '-')}", nargs=2, type=float, metavar=("LEFT", "RIGHT"),
+                        help=f"{task.value} amplitude per patient side ({task.unit})")
+    ph.add_argument("--format", choices=["mp4", "dicom"], help="default: from the file suffix")
+    ph.add_argument("--freeze-half", choices=["left", "right"],
+                    help="instead: hold this half of a real clip's face still (needs --clip)")
+    ph.add_argument("--clip", help="real clip for --freeze-half")
+
+    sub.add_parser("demo", help="make a phantom clip with a weak left side, analyse it, print the result")
+    return p
+
+
+def _console() -> Console:
+    return Console(stderr=False, highlight=False)
+
+
+def result_table(doc: dict[str, Any]) -> Table:
+    table = Table(title="FaceSym result (sides are the patient's)")
+    for col in ("task", "frames", "left", "right", "AI", "gate", "AS", "CI", "CS", "weaker", "method"):
+        table.add_column(col, justify="right" if col not in ("task", "weaker", "method") else "left")
+    for t in doc["tasks"]:
+        gate = f"{t['activation_gate']:.2f}" + (" (low)" if t["insufficient_activation"] else "")
+        table.add_row(
+            t["task"], f"{t['frames'][0]}–{t['frames'][1]}", f"{t['left']['magnitude']:.3f}",
+            f"{t['right']['magnitude']:.3f}", f"{t['asymmetry_index']:.2f}", gate, f"{t['asymmetry_score']:.0f}",
+            f"{t['cosine_index']:.2f}", f"{t['cosine_score']:.0f}", t["weaker_side"] or "none", t["method"],
+        )
+    return table
+
+
+def analyze_path(path: str, path2: str | None, task: Task | None, mirrored: bool, show_progress: bool) -> dict[str, Any]:
+    """Decode, analyse and return the JSON document. Raises UnreadableInputError for undecodable input."""
+    from service.engine.pipeline import analyze_frames, analyze_photos
+    from service.media.decode import open_media
+    from service.media.prefetch import prefetch
+    from service.report.jsonout import analysis_dict
+
+    source = open_media(path, mirrored=mirrored)
+    info = source.info
+    analysis: Analysis
+    if info.kind == "image" or path2:
+        rest = next(iter(source.frames())).rgb
+        expression = None
+        if path2:
+            second = open_media(path2, mirrored=mirrored)
+            expression = next(iter(second.frames())).rgb
+        analysis = analyze_photos(rest, expression, task)
+        n = 2 if path2 else 1
+        return analysis_dict(analysis, info, n, [path2] if path2 else None)
+
+    counted = [0]
+
+    def run(progress: Any | None) -> Analysis:
+        job = progress.add_task("landmarks", total=info.frames) if progress else None
+
+        def tick(n: int) -> None:
+            counted[0] = n
+            if progress is not None and job is not None:
+                progress.update(job, completed=n)
+
+        return analyze_frames(prefetch(source.frames()), info.fps, task, progress=tick)
+
+    if show_progress:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      transient=True, console=Console(stderr=True)) as progress:
+            analysis = run(progress)
+    else:
+        analysis = run(None)
+    return analysis_dict(analysis, info, counted[0])
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    console = _console()
+    try:
+        doc = analyze_path(args.path, args.path2, args.task, args.mirrored, show_progress=sys.stderr.isatty())
+    except UnreadableInputError as exc:
+        console.print(f"[bold red]unreadable input:[/] {exc}")
+        return EXIT_UNREADABLE
+    if args.json:
+        text = json.dumps(doc, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    if not doc["quality"]["ok"]:
+        console.print("[bold red]not analysable:[/] " + "; ".join(doc["quality"]["reasons"]))
+        return EXIT_NOT_ANALYSABLE
+    if args.json != "-":
+        console.print(result_table(doc))
+        for w in doc["quality"]["warnings"]:
+            console.print(f"[yellow]warning:[/] {w}")
+        for t in doc["tasks"]:
+            for note in t["notes"]:
+                console.print(f"[yellow]{t['task']}:[/] {note}")
+        for name, item in doc.get("static", {}).items():
+            console.print(f"static {name}: left {item['left']:.3f} D, right {item['right']:.3f} D")
+    return EXIT_OK
+
+
+def _default_face() -> Path:
+    return Path(__file__).resolve().parent / "phantom" / "data" / "demo_face.jpg"
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from service import phantom
+
+    out = Path(args.out)
+    fmt = args.format or ("dicom" if out.suffix.lower() in (".dcm", ".dicom") else "mp4")
+    if args.freeze_half:
+        if not args.clip:
+            raise NotAnalysableError(["--freeze-half needs --clip PATH (a real clip)"])
+        truth = phantom.freeze_half(args.clip, Side(args.freeze_half), out, fmt=fmt)
+    else:
+        motions = tuple(
+            phantom.TaskMotion(task, *getattr(args, task.value))
+            for task in Task
+            if getattr(args, task.value) is not None
+        )
+        if not motions:
+            motions = (phantom.TaskMotion(Task.SMILE, 0.25, 0.25),)
+        face = phantom.load_face(args.face or _default_face())
+        truth = phantom.write_phantom(face, phantom.PhantomSpec(motions=motions), out, fmt=fmt)
+    _console().print(f"wrote {out} and {out.with_suffix('.json')}")
+    _console().print_json(json.dumps(truth))
+    return EXIT_OK
+
+
+def cmd_demo(_: argparse.Namespace) -> int:
+    from service import phantom
+
+    console = _console()
+    motions = (
+        phantom.TaskMotion(Task.SMILE, 0.08, 0.25),
+        phantom.TaskMotion(Task.EYE_CLOSURE, 0.45, 0.45),
+        phantom.TaskMotion(Task.BROW_RAISE, 0.03, 0.15),
+    )
+    with tempfile.TemporaryDirectory(prefix="facesym-demo-") as tmp:
+        clip = Path(tmp) / "phantom.mp4"
+        console.print("Making a phantom clip from a real face: smile, eye closure, brow raise; "
+                      "the patient's left side moves less in smile and brow raise …")
+        truth = phantom.write_phantom(phantom.load_face(_default_face()), phantom.PhantomSpec(motions=motions), clip)
+        doc = analyze_path(str(clip), None, None, False, show_progress=sys.stderr.isatty())
+    console.print(result_table(doc))
+    table = Table(title="ground truth of the phantom")
+    for col in ("task", "left", "right", "expected AI", "weaker"):
+        table.add_column(col)
+    for t in truth["tasks"]:
+        table.add_row(t["task"], f"{t['left']:.2f}", f"{t['right']:.2f}", f"{t['expected_asymmetry_index']:.2f}",
+                      t["weaker_side"] or "none")
+    console.print(table)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = {"analyze": cmd_analyze, "phantom": cmd_phantom, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except UnreadableInputError as exc:
+        _console().print(f"[bold red]unreadable input:[/] {exc}")
+        return EXIT_UNREADABLE
+    except NotAnalysableError as exc:
+        _console().print(f"[bold red]not analysable:[/] {exc}")
+        return EXIT_NOT_ANALYSABLE
+    except FaceSymError as exc:
+        _console().print(f"[bold red]error:[/] {exc}")
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""analyze: frames in, scores out. No I/O: callers decode media and hand frames in.
+
+The one sequence every input goes through: landmarks per frame (FaceMesh) → quality control →
+normalisation → which task and where (explicit or ``auto``) → rest and peak → per-side magnitudes,
+measured on pixel motion under the landmarks where landmarks would hide a still side → scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.domain import Analysis, Frame, Quality, StaticItem, Task, TaskResult
+from service.engine import normalize as nz
+from service.engine import tasks as tk
+from service.engine.landmarks import FaceMeshDetector, TrackBuilder
+from service.engine.pixels import CropStore, align_to_reference, track_points
+from service.engine.quality import QualityLimits, assess
+from service.engine.scores import GateThresholds, score_task
+
+Progress = Callable[[int], None]
+
+
+def _default_gates() -> dict[Task, GateThresholds]:
+    # a0 = noise floor measured on still faces; a1 = a clearly full movement (D or eye-area fraction).
+    return {
+        Task.SMILE: GateThresholds(0.02, 0.08),
+        Task.EYE_CLOSURE: GateThresholds(0.05, 0.30),
+        Task.BROW_RAISE: GateThresholds(0.01, 0.04),
+    }
+
+
+@dataclass(frozen=True)
+class EngineParams:
+    """Every tunable of the engine, with the defaults the tests and README document."""
+
+    gates: Mapping[Task, GateThresholds] = field(default_factory=_default_gates)
+    quality: QualityLimits = field(default_factory=QualityLimits)
+    peak_fraction: float = 0.8
+    crop_eye_distance_px: float = 64.0
+    pixel_tracking: bool = True
+    max_lost_pixel_fraction: float = 0.3
+
+
+def _landmark_pass(
+    frames: Iterable[Frame], static: bool, progress: Progress | None
+) -> tuple[np.ndarray, np.ndarray, CropStore, int, int]:
+    crops = CropStore()
+    builder: TrackBuilder | None = None
+    with FaceMeshDetector(static=static) as det:
+        for n, frame in enumerate(frames, 1):
+            if builder is None:
+                builder = TrackBuilder(frame.rgb.shape[1], frame.rgb.shape[0])
+            points, faces = det.detect(frame.rgb)
+            builder.add(points, faces, frame.time_s)
+            crops.add(frame.rgb, points if faces == 1 else None)
+            if progress:
+                progress(n)
+    if builder is None:
+        return np.zeros((0, 478, 3), np.float32), np.zeros(0, np.int16), crops, 0, 0
+    track = builder.build()
+    return track.points, track.faces, crops, track.width, track.height
+
+
+def _not_analysable(quality: Quality, reason: str) -> Analysis:
+    q = Quality(False, quality.reasons + (reason,), quality.warnings, quality.valid_frames, quality.total_frames)
+    return Analysis(q, ())
+
+
+def analyze_frames(
+    frames: Iterable[Frame],
+    fps: float,
+    task: Task | None = None,
+    params: EngineParams | None = None,
+    progress: Progress | None = None,
+) -> Analysis:
+    """Analyse a video clip.
+
+    Parameters
+    ----------
+    frames
+        Decoded RGB frames in order (streamed; only landmarks and small grey face crops are kept).
+    fps
+        Frame rate (frames per second), for time-based windows.
+    task
+        The task the clip shows, or None to find the tasks in it (``--task auto``).
+    """
+    params = params or EngineParams()
+    points, faces, crops, width, height = _landmark_pass(frames, static=False, progress=progress)
+    pose = nz.head_pose(points, width, height) if len(points) else np.zeros((0, 3))
+    quality, usable = assess(faces, pose, params.quality)
+    if not quality.ok:
+        return Analysis(quality, ())
+    return _analyze_track(points, usable, crops, fps, task, params, quality)
+
+
+def analyze_photos(
+    rest: np.ndarray, expression: np.ndarray | None, task: Task | None = None, params: EngineParams | None = None
+) -> Analysis:
+    """Analyse a rest photo and, optionally, an expression photo of the same patient.
+
+    With both, the rest photo is the rest frame and the expression photo the peak (same scores as a
+    clip). With the rest photo alone, only the static items are measured (brow height, palpebral
+    fissure height, commissure height; left vs right).
+    """
+    params = params or EngineParams()
+    images = [rest] if expression is None else [rest, expression]
+    frames = [Frame(i, float(i), img) for i, img in enumerate(images)]
+    points, faces, crops, width, height = _landmark_pass(frames, static=True, progress=None)
+    pose = nz.head_pose(points, width, height)
+    quality, usable = assess(faces, pose, params.quality, still=True)
+    if not quality.ok:
+        return Analysis(quality, ())
+    norm, _ = nz.normalize(points)
+    static = static_items(norm[0])
+    if expression is None:
+        return Analysis(quality, (), static)
+    # Two unrelated stills: rest is frame 0, the expression frame 1 is both the segment and its peak.
+    analysis = _analyze_track(points, usable, crops, 1.0, task, params, quality, photo_pair=True)
+    return Analysis(analysis.quality, analysis.tasks, static)
+
+
+def static_items(norm_rest: np.ndarray) -> tuple[StaticItem, ...]:
+    """Auto-eFACE-style static items from one normalised rest pose (478, 2), in D, per patient side.
+
+    brow_height: brow above the eye-contour centroid; palpebral_fissure_height: upper- to lower-lid
+    mid-points; commissure_height: mouth corner relative to the nose tip (negative: below it).
+    """
+    def side(idx_brow: tuple[int, ...], idx_eye: tuple[int, ...], lid: tuple[int, int], corner: int) -> tuple[float, float, float]:
+        brow = float(norm_rest[list(idx_brow), 1].mean() - norm_rest[list(idx_eye), 1].mean())
+        fissure = float(norm_rest[lid[0], 1] - norm_rest[lid[1], 1])
+        return brow, fissure, float(norm_rest[corner, 1])
+
+    left = side(tuple(nz.LEFT_BROW), tuple(nz.LEFT_EYE), (386, 374), 291)
+    right = side(tuple(nz.RIGHT_BROW), tuple(nz.RIGHT_EYE), (159, 145), 61)
+    names = ("brow_height", "palpebral_fissure_height", "commissure_height")
+    return tuple(StaticItem(n, lv, rv) for n, lv, rv in zip(names, left, right, strict=True))
+
+
+def _analyze_track(
+    points: np.ndarray,
+    usable: np.ndarray,
+    crops: CropStore,
+    fps: float,
+    task: Task | None,
+    params: EngineParams,
+    quality: Quality,
+    *,
+    photo_pair: bool = False,
+) -> Analysis:
+    pts = points.copy()
+    pts[~usable] = np.nan
+    norm, _ = nz.normalize(pts)
+    first_valid = np.flatnonzero(usable)
+    k_rest = 1 if photo_pair else max(3, int(round(0.3 * fps)))
+    rest_pose = np.nanmedian(norm[first_valid[:k_rest]], axis=0)
+    signals = tk.landmark_signals(norm, rest_pose)
+    a1 = {t: params.gates[t].a1 for t in Task}
+    a0 = {t: params.gates[t].a0 for t in Task}
+
+    if photo_pair:
+        if task is None:
+            rel = {t: float(np.nanmean(signals[t][1])) / a1[t] for t in Task}
+            task = max(rel, key=lambda t: rel[t])
+        segments = [tk.Segment(task, 1, 1, 0, 0)]
+    elif task is not None:
+        bil = tk.smooth(np.nanmean(signals[task], axis=1), max(1, int(round(0.1 * fps)) | 1))
+        rest = tk.initial_rest(bil, usable, fps)
+        last = int(first_valid[-1])
+        segments = [tk.Segment(task, min(rest[1] + 1, last), last, rest[0], rest[1])]
+    else:
+        segments = tk.find_segments(signals, a1, a0, fps)
+        if not segments:
+            return _not_analysable(
+                quality, "no facial movement found: name the task (--task) to score a clip with little or no movement"
+            )
+    results = [_measure(seg, pts, norm, usable, crops, fps, params, photo_pair) for seg in segments]
+    return Analysis(quality, tuple(results))
+
+
+def _face_axes(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Unit vectors (image px) toward the patient's left and up, and the inter-eye distance in px."""
+    left_c, right_c = nz.eye_centres(landmarks[None, :, :2])
+    v = (left_c - right_c)[0]
+    d = float(np.linalg.norm(v))
+    e = v / d
+    return e, np.array([e[1], -e[0]]), d
+
+
+def _pixel_displacements(
+    seg: tk.Segment, lo: int, hi: int, pts: np.ndarray, crops: CropStore, indices: list[int], rest_rel: slice
+) -> np.ndarray | None:
+    """Displacements (hi − lo + 1, len(indices), 2) in D of Lucas–Kanade-tracked landmarks, head motion removed."""
+    if crops.scale is None:
+        return None
+    seed_frame = seg.rest_start
+    stable = list(tk.STABLE)
+    seeds = crops.to_crop(pts[seed_frame, indices + stable])
+    tracked = track_points(crops.crops, seed_frame, hi + 1, seeds)
+    aligned = align_to_reference(tracked[:, : len(indices)], tracked[:, len(indices) :], seeds[len(indices) :])
+    rest = np.nanmedian(aligned[rest_rel], axis=0)
+    e, u, d_px = _face_axes(pts[seed_frame])
+    disp = aligned - rest
+    d_crop = d_px * crops.scale
+    out = np.full((hi - lo + 1, len(indices), 2), np.nan)
+    off = seed_frame - lo
+    out[off:, :, 0] = (disp @ e) / d_crop
+    out[off:, :, 1] = (disp @ u) / d_crop
+    return out
+
+
+def _measure(
+    seg: tk.Segment,
+    pts: np.ndarray,
+    norm: np.ndarray,
+    usable: np.ndarray,
+    crops: CropStore,
+    fps: float,
+    params: EngineParams,
+    photo_pair: bool,
+) -> TaskResult:
+    task = seg.task
+    n_all = norm.shape[0]
+    rest_idx = [i for i in range(seg.rest_start, seg.rest_end + 1) if usable[i]] or [seg.rest_start]
+    rest_pose = np.nanmedian(norm[rest_idx], axis=0)
+    width = 1 if photo_pair else max(1, int(round(0.1 * fps)) | 1)
+
+    lm_sig = tk.landmark_signals(norm, rest_pose)[task]
+    start, end = seg.start, seg.end
+    if not photo_pair:
+        bil = tk.smooth(np.nanmean(lm_sig, axis=1), width)
+        start, end = tk.extend_to_motion(bil, seg, 0.1 * np.nanmax(bil[seg.start : seg.end + 1]), n_all)
+    lo, hi = seg.rest_start, end
+    rest_rel = slice(seg.rest_start - lo, seg.rest_end - lo + 1)
+    left_idx, right_idx = tk.groups(task)
+    notes: list[str] = []
+    method = "landmarks"
+
+    disp_lm = norm[lo : hi + 1] - rest_pose
+    if task is Task.EYE_CLOSURE:
+        sig = lm_sig[lo : hi + 1]
+        vl, vr = disp_lm[:, list(left_idx)], disp_lm[:, list(right_idx)]
+    else:
+        cl, cr = list(tk.CANTHI_LEFT), list(tk.mirrored(tk.CANTHI_LEFT))
+        indices = list(left_idx) + list(right_idx) + (cl + cr if task is Task.BROW_RAISE else [])
+        disp = disp_lm[:, indices]
+        if params.pixel_tracking:
+            px = _pixel_displacements(seg, lo, hi, pts, crops, indices, rest_rel)
+            lost = 1.0 if px is None else float(np.isnan(px[start - lo : end - lo + 1]).any(axis=2).mean())
+            if px is not None and lost <= params.max_lost_pixel_fraction:
+                disp, method = px, "pixels"
+            else:
+                notes.append(
+                    f"pixel tracking lost {100 * lost:.0f} % of points; landmark positions used, which can understate asymmetry"
+                )
+        n = len(left_idx)
+        vl, vr = disp[:, :n], disp[:, n : 2 * n]
+        if task is Task.SMILE:
+            sig = tk.smile_signal(vl, vr)
+        else:
+            c_l, c_r = disp[:, 2 * n : 2 * n + 2], disp[:, 2 * n + 2 :]
+            sig = tk.brow_signal(vl, vr, c_l, c_r)
+            # Brow vectors relative to the canthi, like the signal.
+            vl = vl - np.nanmean(c_l, axis=1, keepdims=True)
+            vr = vr - np.nanmean(c_r, axis=1, keepdims=True)
+
+    bil = tk.smooth(np.nanmean(sig, axis=1), width)
+    p0, p1 = tk.peak_interval(bil, start - lo, end - lo, params.peak_fraction)
+    peak = slice(p0, p1 + 1)
+    left = max(0.0, float(np.nanmedian(sig[peak, 0])))
+    right = max(0.0, float(np.nanmedian(sig[peak, 1])))
+    v_left = np.nan_to_num(np.nanmedian(vl[peak], axis=0))
+    v_right = np.nan_to_num(np.nanmedian(vr[peak], axis=0))
+    s = score_task(left, right, v_left, v_right, params.gates[task])
+    if s.insufficient_activation:
+        notes.append(f"insufficient activation: gate {s.activation_gate:.2f} < 1")
+    return TaskResult(
+        task=task,
+        frames=(int(start), int(end)),
+        rest_frames=(int(seg.rest_start), int(seg.rest_end)),
+        peak_frames=(int(lo + p0), int(lo + p1)),
+        left=s.left,
+        right=s.right,
+        asymmetry_index=s.asymmetry_index,
+        activation_gate=s.activation_gate,
+        asymmetry_score=s.asymmetry_score,
+        cosine_index=s.cosine_index,
+        cosine_score=s.cosine_score,
+        weaker_side=s.weaker_side,
+        method=method,
+        notes=tuple(notes),
+    )

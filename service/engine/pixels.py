@@ -1,0 +1,119 @@
+"""Pixel motion under the landmarks: face crops at a fixed scale and Lucas–Kanade point tracking.
+
+Why: FaceMesh's shape prior drags a still half-face along with the moving half (a frozen half moved ~85 %
+as far as the moving one in a measured case), so landmarks alone hide palsy. Landmarks say WHERE the
+regions are; the pixels say how far they moved.
+
+Crop coordinates: a similarity transform of the image (no rotation) fixed for a whole clip, chosen from the
+first frame with a face so that the inter-eye distance is ``eye_distance_px`` crop pixels.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+_LK_PARAMS = dict(
+    winSize=(21, 21),
+    maxLevel=3,
+    criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 0.01),
+)
+
+
+class CropStore:
+    """Grayscale face crops, one per frame (None before the first face), in one fixed window.
+
+    Memory is O(T × crop), about 75 kB a frame at the default scale: a 60-s 60 fps clip keeps ~270 MB
+    where the full 1080p frames would need 22 GB.
+
+    Parameters
+    ----------
+    eye_distance_px
+        Inter-eye distance of the first detected face in crop pixels.
+    width_d, height_d
+        Window size in inter-eye distances (generous, so head motion stays inside).
+    """
+
+    def __init__(self, eye_distance_px: float = 64.0, width_d: float = 4.0, height_d: float = 4.6) -> None:
+        self.eye_distance_px = eye_distance_px
+        self.size = (int(round(width_d * eye_distance_px)), int(round(height_d * eye_distance_px)))
+        self.scale: float | None = None
+        self.offset = np.zeros(2)  # crop = scale * image - offset
+        self.crops: list[np.ndarray | None] = []
+
+    def _init_window(self, landmarks: np.ndarray) -> None:
+        from service.engine.normalize import interocular_distance
+
+        d = float(interocular_distance(landmarks[None, :, :2])[0])
+        self.scale = self.eye_distance_px / max(d, 1.0)
+        # Centre slightly above the nose tip so the forehead (brow raise) stays in the window.
+        centre = np.nanmean(landmarks[:, :2], axis=0) - np.array([0.0, 0.25 * d])
+        self.offset = centre * self.scale - np.array(self.size) / 2.0
+
+    def add(self, rgb: np.ndarray, landmarks: np.ndarray | None) -> None:
+        """Store frame ``rgb`` (H, W, 3) uint8; ``landmarks`` (478, 3) px of this frame or None."""
+        if self.scale is None and landmarks is not None:
+            self._init_window(landmarks)
+        if self.scale is None:
+            self.crops.append(None)
+            return
+        m = np.array([[self.scale, 0.0, -self.offset[0]], [0.0, self.scale, -self.offset[1]]])
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        interp = cv2.INTER_AREA if self.scale < 1 else cv2.INTER_LINEAR
+        self.crops.append(cv2.warpAffine(gray, m, self.size, flags=interp, borderMode=cv2.BORDER_REPLICATE))
+
+    def to_crop(self, points_px: np.ndarray) -> np.ndarray:
+        """(..., 2) image pixels → crop pixels."""
+        assert self.scale is not None, "no face seen yet"
+        return np.asarray(points_px)[..., :2] * self.scale - self.offset
+
+
+def track_points(
+    crops: list[np.ndarray | None], start: int, stop: int, seeds: np.ndarray, fb_max_px: float = 2.0
+) -> np.ndarray:
+    """Track crop-pixel points frame to frame with pyramidal Lucas–Kanade.
+
+    Parameters
+    ----------
+    crops
+        Grayscale crops from :class:`CropStore`.
+    start, stop
+        Track from frame ``start`` (where ``seeds`` are) through frame ``stop - 1``.
+    seeds
+        (N, 2) crop-pixel positions in frame ``start``.
+    fb_max_px
+        Forward–backward error above which a point counts as lost (NaN from then on).
+
+    Returns
+    -------
+    np.ndarray
+        (stop − start, N, 2) float32 crop-pixel positions; NaN where lost or where a crop is missing.
+    """
+    n = seeds.shape[0]
+    out = np.full((stop - start, n, 2), np.nan, dtype=np.float32)
+    out[0] = seeds
+    alive = np.isfinite(seeds).all(axis=1)
+    for k in range(1, stop - start):
+        prev, cur = crops[start + k - 1], crops[start + k]
+        if prev is None or cur is None or not alive.any():
+            break
+        p0 = out[k - 1][alive].reshape(-1, 1, 2).astype(np.float32)
+        p1, st1, _ = cv2.calcOpticalFlowPyrLK(prev, cur, p0, None, **_LK_PARAMS)
+        back, st2, _ = cv2.calcOpticalFlowPyrLK(cur, prev, p1, None, **_LK_PARAMS)
+        fb = np.linalg.norm((back - p0).reshape(-1, 2), axis=1)
+        ok = (st1.ravel() == 1) & (st2.ravel() == 1) & (fb <= fb_max_px)
+        idx = np.flatnonzero(alive)
+        out[k, idx[ok]] = p1.reshape(-1, 2)[ok]
+        alive[idx[~ok]] = False
+    return out
+
+
+def align_to_reference(points: np.ndarray, stable: np.ndarray, stable_ref: np.ndarray) -> np.ndarray:
+    """Remove head translation: shift ``points`` (T, N, 2) by the median displacement of the ``stable``
+    points (T, K, 2) from ``stable_ref`` (K, 2) in each frame. Frames without a tracked stable point → NaN.
+
+    Translation only, on purpose: measured on real clips, a similarity fit to the few midline points
+    turned small fit errors into rotations that moved the mouth corners by more than the roll it removed.
+    """
+    shift = np.nanmedian(stable - stable_ref[None], axis=1) if stable.shape[1] else np.zeros((len(points), 2))
+    return points - shift[:, None, :]

@@ -1,0 +1,1 @@
+"""Reports built from domain objects: JSON now; DICOM SR, figures, PDF and FHIR in later issues."""

@@ -1,0 +1,67 @@
+"""The analysis result as the documented JSON document (README, "JSON schema").
+
+Later issues extend this document; they never rename a key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service import __version__
+from service.domain import Analysis, MediaInfo, TaskResult
+
+
+def _r(x: float) -> float:
+    return round(float(x), 4)
+
+
+def task_dict(t: TaskResult) -> dict[str, Any]:
+    return {
+        "task": t.task.value,
+        "frames": list(t.frames),
+        "rest_frames": list(t.rest_frames),
+        "peak_frames": list(t.peak_frames),
+        "unit": t.unit,
+        "left": {"magnitude": _r(t.left)},
+        "right": {"magnitude": _r(t.right)},
+        "asymmetry_index": _r(t.asymmetry_index),
+        "activation_gate": _r(t.activation_gate),
+        "asymmetry_score": round(t.asymmetry_score, 2),
+        "cosine_index": _r(t.cosine_index),
+        "cosine_score": round(t.cosine_score, 2),
+        "weaker_side": t.weaker_side.value if t.weaker_side else None,
+        "insufficient_activation": t.insufficient_activation,
+        "method": t.method,
+        "notes": list(t.notes),
+    }
+
+
+def analysis_dict(analysis: Analysis, info: MediaInfo, frames: int, extra_inputs: list[str] | None = None) -> dict[str, Any]:
+    """The JSON document for one analysed input (``frames``: how many frames were decoded)."""
+    q = analysis.quality
+    doc: dict[str, Any] = {
+        "facesym_version": __version__,
+        "input": {
+            "path": info.path,
+            "frames": frames,
+            "fps": _r(info.fps),
+            "width": info.width,
+            "height": info.height,
+            "source": info.source,
+        },
+        "quality": {
+            "ok": q.ok,
+            "reasons": list(q.reasons),
+            "valid_frames": q.valid_frames,
+            "warnings": list(q.warnings),
+        },
+        "tasks": [task_dict(t) for t in analysis.tasks],
+    }
+    if extra_inputs:
+        doc["input"]["expression_path"] = extra_inputs[0]
+    if analysis.static:
+        doc["static"] = {
+            s.name: {"left": _r(s.left), "right": _r(s.right), "difference": _r(s.difference), "unit": "D"}
+            for s in analysis.static
+        }
+    return doc
