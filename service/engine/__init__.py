@@ -1,0 +1,1 @@
+"""Analysis engine: pure computation, no I/O beyond the bundled model tables."""
