@@ -21,6 +21,7 @@ from service.engine.quality import QualityLimits, assess
 from service.engine.scores import GateThresholds, score_task
 
 Progress = Callable[[int], None]
+EYE_WINDOW_PX = 7
 
 
 def _default_gates() -> dict[Task, GateThresholds]:
@@ -190,7 +191,14 @@ def _face_axes(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def _pixel_displacements(
-    seg: tk.Segment, lo: int, hi: int, pts: np.ndarray, crops: CropStore, indices: list[int], rest_rel: slice
+    seg: tk.Segment,
+    lo: int,
+    hi: int,
+    pts: np.ndarray,
+    crops: CropStore,
+    indices: list[int],
+    rest_rel: slice,
+    window_px: int = 21,
 ) -> np.ndarray | None:
     """Displacements (hi − lo + 1, len(indices), 2) in D of Lucas–Kanade-tracked landmarks, head motion removed."""
     if crops.scale is None:
@@ -198,7 +206,7 @@ def _pixel_displacements(
     seed_frame = seg.rest_start
     stable = list(tk.STABLE)
     seeds = crops.to_crop(pts[seed_frame, indices + stable])
-    tracked = track_points(crops.crops, seed_frame, hi + 1, seeds)
+    tracked = track_points(crops.crops, seed_frame, hi + 1, seeds, window_px=window_px)
     aligned = align_to_reference(tracked[:, : len(indices)], tracked[:, len(indices) :], seeds[len(indices) :])
     rest = np.nanmedian(aligned[rest_rel], axis=0)
     e, u, d_px = _face_axes(pts[seed_frame])
@@ -239,32 +247,34 @@ def _measure(
     method = "landmarks"
 
     disp_lm = norm[lo : hi + 1] - rest_pose
-    if task is Task.EYE_CLOSURE:
-        sig = lm_sig[lo : hi + 1]
-        vl, vr = disp_lm[:, list(left_idx)], disp_lm[:, list(right_idx)]
-    else:
-        cl, cr = list(tk.CANTHI_LEFT), list(tk.mirrored(tk.CANTHI_LEFT))
-        indices = list(left_idx) + list(right_idx) + (cl + cr if task is Task.BROW_RAISE else [])
-        disp = disp_lm[:, indices]
-        if params.pixel_tracking:
-            px = _pixel_displacements(seg, lo, hi, pts, crops, indices, rest_rel)
-            lost = 1.0 if px is None else float(np.isnan(px[start - lo : end - lo + 1]).any(axis=2).mean())
-            if px is not None and lost <= params.max_lost_pixel_fraction:
-                disp, method = px, "pixels"
-            else:
-                notes.append(
-                    f"pixel tracking lost {100 * lost:.0f} % of points; landmark positions used, which can understate asymmetry"
-                )
-        n = len(left_idx)
-        vl, vr = disp[:, :n], disp[:, n : 2 * n]
-        if task is Task.SMILE:
-            sig = tk.smile_signal(vl, vr)
+    cl, cr = list(tk.CANTHI_LEFT), list(tk.mirrored(tk.CANTHI_LEFT))
+    indices = list(left_idx) + list(right_idx) + (cl + cr if task is Task.BROW_RAISE else [])
+    disp = disp_lm[:, indices]
+    if params.pixel_tracking:
+        window = EYE_WINDOW_PX if task is Task.EYE_CLOSURE else 21
+        px = _pixel_displacements(seg, lo, hi, pts, crops, indices, rest_rel, window)
+        lost = 1.0 if px is None else float(np.isnan(px[start - lo : end - lo + 1]).any(axis=2).mean())
+        if px is not None and lost <= params.max_lost_pixel_fraction:
+            disp, method = px, "pixels"
         else:
-            c_l, c_r = disp[:, 2 * n : 2 * n + 2], disp[:, 2 * n + 2 :]
-            sig = tk.brow_signal(vl, vr, c_l, c_r)
-            # Brow vectors relative to the canthi, like the signal.
-            vl = vl - np.nanmean(c_l, axis=1, keepdims=True)
-            vr = vr - np.nanmean(c_r, axis=1, keepdims=True)
+            notes.append(
+                f"pixel tracking lost {100 * lost:.0f} % of points; landmark positions used, which can understate asymmetry"
+            )
+    n = len(left_idx)
+    vl, vr = disp[:, :n], disp[:, n : 2 * n]
+    if task is Task.EYE_CLOSURE:
+        # The contour as it moved: rest positions plus the measured displacements, then 1 − A(t)/A(rest).
+        moved = rest_pose[None].repeat(disp.shape[0], axis=0)
+        moved[:, indices] = moved[:, indices] + disp
+        sig = tk.eye_closure_signal(moved, rest_pose)
+    elif task is Task.SMILE:
+        sig = tk.smile_signal(vl, vr)
+    else:
+        c_l, c_r = disp[:, 2 * n : 2 * n + 2], disp[:, 2 * n + 2 :]
+        sig = tk.brow_signal(vl, vr, c_l, c_r)
+        # Brow vectors relative to the canthi, like the signal.
+        vl = vl - np.nanmean(c_l, axis=1, keepdims=True)
+        vr = vr - np.nanmean(c_r, axis=1, keepdims=True)
 
     bil = tk.smooth(np.nanmean(sig, axis=1), width)
     p0, p1 = tk.peak_interval(bil, start - lo, end - lo, params.peak_fraction)

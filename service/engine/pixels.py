@@ -69,7 +69,12 @@ class CropStore:
 
 
 def track_points(
-    crops: list[np.ndarray | None], start: int, stop: int, seeds: np.ndarray, fb_max_px: float = 2.0
+    crops: list[np.ndarray | None],
+    start: int,
+    stop: int,
+    seeds: np.ndarray,
+    fb_max_px: float = 2.0,
+    window_px: int = 21,
 ) -> np.ndarray:
     """Track crop-pixel points frame to frame with pyramidal Lucas–Kanade.
 
@@ -83,6 +88,9 @@ def track_points(
         (N, 2) crop-pixel positions in frame ``start``.
     fb_max_px
         Forward–backward error above which a point counts as lost (NaN from then on).
+    window_px
+        Lucas–Kanade window (crop pixels): about a third of D for mouth and brow, smaller for the eyelids
+        so that the still skin around the eye does not outvote the lid.
 
     Returns
     -------
@@ -92,14 +100,15 @@ def track_points(
     n = seeds.shape[0]
     out = np.full((stop - start, n, 2), np.nan, dtype=np.float32)
     out[0] = seeds
+    params = dict(_LK_PARAMS, winSize=(window_px, window_px))
     alive = np.isfinite(seeds).all(axis=1)
     for k in range(1, stop - start):
         prev, cur = crops[start + k - 1], crops[start + k]
         if prev is None or cur is None or not alive.any():
             break
         p0 = out[k - 1][alive].reshape(-1, 1, 2).astype(np.float32)
-        p1, st1, _ = cv2.calcOpticalFlowPyrLK(prev, cur, p0, None, **_LK_PARAMS)
-        back, st2, _ = cv2.calcOpticalFlowPyrLK(cur, prev, p1, None, **_LK_PARAMS)
+        p1, st1, _ = cv2.calcOpticalFlowPyrLK(prev, cur, p0, None, **params)
+        back, st2, _ = cv2.calcOpticalFlowPyrLK(cur, prev, p1, None, **params)
         fb = np.linalg.norm((back - p0).reshape(-1, 2), axis=1)
         ok = (st1.ravel() == 1) & (st2.ravel() == 1) & (fb <= fb_max_px)
         idx = np.flatnonzero(alive)

@@ -160,6 +160,7 @@ def find_segments(
     min_duration_s: float = 0.2,
     merge_gap_s: float = 0.3,
     rest_max_s: float = 1.0,
+    min_blink_free_s: float = 0.5,
 ) -> list[Segment]:
     """Find which tasks a clip contains and where (``--task auto``).
 
@@ -189,9 +190,13 @@ def find_segments(
         for a, b in _runs(label == ti):
             runs.append([ti, int(a), int(b)])
     runs.sort(key=lambda r: r[1])
-    # Drop blips first (a blink inside a smile is not a task), then merge what they interrupted.
-    min_len = max(2, int(round(min_duration_s * fps)))
-    runs = [r for r in runs if r[2] - r[1] + 1 >= min_len]
+    # Drop blips first, then merge what they interrupted. Blinks (up to ~0.4 s) are not the eye-closure
+    # task, which is held for a second or more.
+    def min_len(task: Task) -> int:
+        seconds = max(min_duration_s, min_blink_free_s) if task is Task.EYE_CLOSURE else min_duration_s
+        return max(2, int(round(seconds * fps)))
+
+    runs = [r for r in runs if r[2] - r[1] + 1 >= min_len(tasks[r[0]])]
     merged: list[list[int]] = []
     gap = int(round(merge_gap_s * fps))
     for r in runs:

