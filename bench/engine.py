@@ -33,8 +33,11 @@ def main() -> None:
         face = phantom.load_face(ROOT / "service/phantom/data/demo_face.jpg", target_eye_distance=150.0,
                                  frame_size=(1280, 720))
         spec = phantom.PhantomSpec(
-            motions=(phantom.TaskMotion(Task.SMILE, 0.25, 0.1), phantom.TaskMotion(Task.EYE_CLOSURE, 0.45, 0.45),
-                     phantom.TaskMotion(Task.BROW_RAISE, 0.15, 0.15)),
+            motions=(
+                phantom.TaskMotion(Task.SMILE, 0.25, 0.1),
+                phantom.TaskMotion(Task.EYE_CLOSURE, 0.45, 0.45),
+                phantom.TaskMotion(Task.BROW_RAISE, 0.15, 0.15),
+            ),
             rest_s=1.0, hold_s=1.6,
         )
         t = time.perf_counter()

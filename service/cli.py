@@ -31,11 +31,15 @@ def _parse_task(value: str) -> Task | None:
     try:
         return Task(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--task must be auto, smile, eye_closure or brow_raise, not {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--task must be auto, smile, eye_closure or brow_raise, not {value!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="facesym", description="Facial-palsy analysis (smile, eye closure, brow raise).")
+    p = argparse.ArgumentParser(
+        prog="facesym", description="Facial-palsy analysis (smile, eye closure, brow raise)."
+    )
     p.add_argument("--version", action="version", version=f"facesym {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,13 +79,16 @@ def result_table(doc: dict[str, Any]) -> Table:
         gate = f"{t['activation_gate']:.2f}" + (" (low)" if t["insufficient_activation"] else "")
         table.add_row(
             t["task"], f"{t['frames'][0]}–{t['frames'][1]}", f"{t['left']['magnitude']:.3f}",
-            f"{t['right']['magnitude']:.3f}", f"{t['asymmetry_index']:.2f}", gate, f"{t['asymmetry_score']:.0f}",
-            f"{t['cosine_index']:.2f}", f"{t['cosine_score']:.0f}", t["weaker_side"] or "none", t["method"],
+            f"{t['right']['magnitude']:.3f}", f"{t['asymmetry_index']:.2f}", gate,
+            f"{t['asymmetry_score']:.0f}", f"{t['cosine_index']:.2f}", f"{t['cosine_score']:.0f}",
+            t["weaker_side"] or "none", t["method"],
         )
     return table
 
 
-def analyze_path(path: str, path2: str | None, task: Task | None, mirrored: bool, show_progress: bool) -> dict[str, Any]:
+def analyze_path(
+    path: str, path2: str | None, task: Task | None, mirrored: bool, show_progress: bool
+) -> dict[str, Any]:
     """Decode, analyse and return the JSON document. Raises UnreadableInputError for undecodable input."""
     from service.engine.pipeline import analyze_frames, analyze_photos
     from service.media.decode import open_media
@@ -114,8 +121,10 @@ def analyze_path(path: str, path2: str | None, task: Task | None, mirrored: bool
         return analyze_frames(prefetch(source.frames()), info.fps, task, progress=tick)
 
     if show_progress:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      transient=True, console=Console(stderr=True)) as progress:
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            transient=True, console=Console(stderr=True),
+        ) as progress:
             analysis = run(progress)
     else:
         analysis = run(None)
@@ -191,15 +200,19 @@ def cmd_demo(_: argparse.Namespace) -> int:
         clip = Path(tmp) / "phantom.mp4"
         console.print("Making a phantom clip from a real face: smile, eye closure, brow raise; "
                       "the patient's left side moves less in smile and brow raise …")
-        truth = phantom.write_phantom(phantom.load_face(_default_face()), phantom.PhantomSpec(motions=motions), clip)
+        truth = phantom.write_phantom(
+            phantom.load_face(_default_face()), phantom.PhantomSpec(motions=motions), clip
+        )
         doc = analyze_path(str(clip), None, None, False, show_progress=sys.stderr.isatty())
     console.print(result_table(doc))
     table = Table(title="ground truth of the phantom")
     for col in ("task", "left", "right", "expected AI", "weaker"):
         table.add_column(col)
     for t in truth["tasks"]:
-        table.add_row(t["task"], f"{t['left']:.2f}", f"{t['right']:.2f}", f"{t['expected_asymmetry_index']:.2f}",
-                      t["weaker_side"] or "none")
+        table.add_row(
+            t["task"], f"{t['left']:.2f}", f"{t['right']:.2f}", f"{t['expected_asymmetry_index']:.2f}",
+            t["weaker_side"] or "none",
+        )
     console.print(table)
     return EXIT_OK
 

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 
 
-class Task(str, Enum):
+class Task(str, Enum):  # noqa: UP042 - StrEnum would change str()/format() output
     SMILE = "smile"
     EYE_CLOSURE = "eye_closure"
     BROW_RAISE = "brow_raise"
@@ -24,7 +24,7 @@ class Task(str, Enum):
         return "fraction" if self is Task.EYE_CLOSURE else "D"
 
 
-class Side(str, Enum):
+class Side(str, Enum):  # noqa: UP042 - StrEnum would change str()/format() output
     LEFT = "left"
     RIGHT = "right"
 

@@ -57,7 +57,10 @@ class FaceMeshDetector:
         )
 
     def detect(self, rgb: np.ndarray) -> tuple[np.ndarray | None, int]:
-        """Landmarks of the largest face in ``rgb`` (H, W, 3) uint8 → ((478, 3) float32 px or None, face count)."""
+        """Landmarks of the largest face in ``rgb`` (H, W, 3) uint8.
+
+        Returns ((478, 3) float32 px or None, face count).
+        """
         h, w = rgb.shape[:2]
         result = self._mesh.process(rgb)
         faces = result.multi_face_landmarks or []

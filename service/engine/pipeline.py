@@ -66,7 +66,9 @@ def _landmark_pass(
 
 
 def _not_analysable(quality: Quality, reason: str) -> Analysis:
-    q = Quality(False, quality.reasons + (reason,), quality.warnings, quality.valid_frames, quality.total_frames)
+    q = Quality(
+        False, quality.reasons + (reason,), quality.warnings, quality.valid_frames, quality.total_frames
+    )
     return Analysis(q, ())
 
 
@@ -98,7 +100,10 @@ def analyze_frames(
 
 
 def analyze_photos(
-    rest: np.ndarray, expression: np.ndarray | None, task: Task | None = None, params: EngineParams | None = None
+    rest: np.ndarray,
+    expression: np.ndarray | None,
+    task: Task | None = None,
+    params: EngineParams | None = None,
 ) -> Analysis:
     """Analyse a rest photo and, optionally, an expression photo of the same patient.
 
@@ -129,7 +134,9 @@ def static_items(norm_rest: np.ndarray) -> tuple[StaticItem, ...]:
     brow_height: brow above the eye-contour centroid; palpebral_fissure_height: upper- to lower-lid
     mid-points; commissure_height: mouth corner relative to the nose tip (negative: below it).
     """
-    def side(idx_brow: tuple[int, ...], idx_eye: tuple[int, ...], lid: tuple[int, int], corner: int) -> tuple[float, float, float]:
+    def side(
+        idx_brow: tuple[int, ...], idx_eye: tuple[int, ...], lid: tuple[int, int], corner: int
+    ) -> tuple[float, float, float]:
         brow = float(norm_rest[list(idx_brow), 1].mean() - norm_rest[list(idx_eye), 1].mean())
         fissure = float(norm_rest[lid[0], 1] - norm_rest[lid[1], 1])
         return brow, fissure, float(norm_rest[corner, 1])
@@ -175,7 +182,8 @@ def _analyze_track(
         segments = tk.find_segments(signals, a1, a0, fps)
         if not segments:
             return _not_analysable(
-                quality, "no facial movement found: name the task (--task) to score a clip with little or no movement"
+                quality,
+                "no facial movement found: name the task (--task) to score a clip with little or no movement",
             )
     results = [_measure(seg, pts, norm, usable, crops, fps, params, photo_pair) for seg in segments]
     return Analysis(quality, tuple(results))
@@ -200,14 +208,19 @@ def _pixel_displacements(
     rest_rel: slice,
     window_px: int = 21,
 ) -> np.ndarray | None:
-    """Displacements (hi − lo + 1, len(indices), 2) in D of Lucas–Kanade-tracked landmarks, head motion removed."""
+    """Displacements (hi − lo + 1, len(indices), 2) in D of Lucas–Kanade-tracked landmarks.
+
+    Head motion is removed.
+    """
     if crops.scale is None:
         return None
     seed_frame = seg.rest_start
     stable = list(tk.STABLE)
     seeds = crops.to_crop(pts[seed_frame, indices + stable])
     tracked = track_points(crops.crops, seed_frame, hi + 1, seeds, window_px=window_px)
-    aligned = align_to_reference(tracked[:, : len(indices)], tracked[:, len(indices) :], seeds[len(indices) :])
+    aligned = align_to_reference(
+        tracked[:, : len(indices)], tracked[:, len(indices) :], seeds[len(indices) :]
+    )
     rest = np.nanmedian(aligned[rest_rel], axis=0)
     e, u, d_px = _face_axes(pts[seed_frame])
     disp = aligned - rest
@@ -258,7 +271,8 @@ def _measure(
             disp, method = px, "pixels"
         else:
             notes.append(
-                f"pixel tracking lost {100 * lost:.0f} % of points; landmark positions used, which can understate asymmetry"
+                f"pixel tracking lost {100 * lost:.0f} % of points; "
+                "landmark positions used, which can understate asymmetry"
             )
     n = len(left_idx)
     vl, vr = disp[:, :n], disp[:, n : 2 * n]

@@ -10,10 +10,12 @@ first frame with a face so that the inter-eye distance is ``eye_distance_px`` cr
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 
-_LK_PARAMS = dict(
+_LK_PARAMS: dict[str, Any] = dict(
     winSize=(21, 21),
     maxLevel=3,
     criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 0.01),
@@ -100,15 +102,16 @@ def track_points(
     n = seeds.shape[0]
     out = np.full((stop - start, n, 2), np.nan, dtype=np.float32)
     out[0] = seeds
-    params = dict(_LK_PARAMS, winSize=(window_px, window_px))
+    params: dict[str, Any] = dict(_LK_PARAMS, winSize=(window_px, window_px))
     alive = np.isfinite(seeds).all(axis=1)
     for k in range(1, stop - start):
         prev, cur = crops[start + k - 1], crops[start + k]
         if prev is None or cur is None or not alive.any():
             break
         p0 = out[k - 1][alive].reshape(-1, 1, 2).astype(np.float32)
-        p1, st1, _ = cv2.calcOpticalFlowPyrLK(prev, cur, p0, None, **params)
-        back, st2, _ = cv2.calcOpticalFlowPyrLK(cur, prev, p1, None, **params)
+        # The cv2 stubs reject nextPts=None, which OpenCV accepts (it allocates the output).
+        p1, st1, _ = cv2.calcOpticalFlowPyrLK(prev, cur, p0, None, **params)  # type: ignore[call-overload]
+        back, st2, _ = cv2.calcOpticalFlowPyrLK(cur, prev, p1, None, **params)  # type: ignore[call-overload]
         fb = np.linalg.norm((back - p0).reshape(-1, 2), axis=1)
         ok = (st1.ravel() == 1) & (st2.ravel() == 1) & (fb <= fb_max_px)
         idx = np.flatnonzero(alive)

@@ -28,7 +28,9 @@ def _ranges(mask: np.ndarray) -> str:
     return ", ".join(parts[:4]) + (", …" if len(parts) > 4 else "")
 
 
-def assess(faces: np.ndarray, pose: np.ndarray, limits: QualityLimits, *, still: bool = False) -> tuple[Quality, np.ndarray]:
+def assess(
+    faces: np.ndarray, pose: np.ndarray, limits: QualityLimits, *, still: bool = False
+) -> tuple[Quality, np.ndarray]:
     """Quality verdict and the (T,) mask of frames fit for measurement.
 
     Parameters
@@ -67,7 +69,8 @@ def assess(faces: np.ndarray, pose: np.ndarray, limits: QualityLimits, *, still:
             bad = one & (np.abs(pose[:, k]) > lim)
             if bad.any():
                 msg = f"head {name} beyond ±{lim:g}° in {int(bad.sum())} frames"
-                (reasons if still or bad.sum() > limits.max_pose_fraction * one.sum() else warnings).append(msg)
+                serious = still or bad.sum() > limits.max_pose_fraction * one.sum()
+                (reasons if serious else warnings).append(msg)
             off |= bad
     usable = one & ~off
     need = 1 if still else limits.min_valid_frames

@@ -176,11 +176,13 @@ def find_segments(
     rel = {}
     active = {}
     for task in tasks:
-        b = smooth(np.nanmean(signals[task], axis=1), width)
-        rel[task] = b / full_activation[task]
-        top = np.nanmax(b) if np.isfinite(b).any() else 0.0
+        sig = smooth(np.nanmean(signals[task], axis=1), width)
+        rel[task] = sig / full_activation[task]
+        top = np.nanmax(sig) if np.isfinite(sig).any() else 0.0
         active[task] = (
-            (b >= max(noise_floor[task], active_fraction * top)) if top > noise_floor[task] else np.zeros(n_frames, bool)
+            (sig >= max(noise_floor[task], active_fraction * top))
+            if top > noise_floor[task]
+            else np.zeros(n_frames, bool)
         )
     stack = np.stack([np.where(active[t], np.nan_to_num(rel[t], nan=-np.inf), -np.inf) for t in tasks])
     label = np.where(np.isfinite(stack.max(axis=0)), stack.argmax(axis=0), -1)
@@ -240,13 +242,17 @@ def extend_to_motion(bilateral: np.ndarray, seg: Segment, level: float, limit: i
     return a, b
 
 
-def initial_rest(bilateral: np.ndarray, valid: np.ndarray, fps: float, rest_max_s: float = 1.0) -> tuple[int, int]:
+def initial_rest(
+    bilateral: np.ndarray, valid: np.ndarray, fps: float, rest_max_s: float = 1.0
+) -> tuple[int, int]:
     """Quiet frames at the start of a single-task clip: valid frames before the signal reaches 20 % of its
     maximum, at most ``rest_max_s``, at least 2 frames."""
     first = int(np.flatnonzero(valid)[0])
     top = np.nanmax(bilateral) if np.isfinite(bilateral).any() else 0.0
     end = first
     limit = first + max(2, int(round(rest_max_s * fps)))
-    while end + 1 < min(limit, len(bilateral)) and (not np.isfinite(bilateral[end + 1]) or bilateral[end + 1] < 0.2 * top):
+    while end + 1 < min(limit, len(bilateral)) and (
+        not np.isfinite(bilateral[end + 1]) or bilateral[end + 1] < 0.2 * top
+    ):
         end += 1
     return first, max(end, min(first + 1, len(bilateral) - 1))

@@ -40,24 +40,25 @@ def encode_mp4(frames: Iterable[np.ndarray], fps: float, *, crf: int = 18, level
     stream = None
     size: tuple[int, int] | None = None
     rate = Fraction(fps).limit_denominator(1001)
-    n = 0
-    for rgb in frames:
+    for n, rgb in enumerate(frames):
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise InvalidParameterError(f"frames must be (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
         h, w = rgb.shape[:2]
         if stream is None:
             if h % 2 or w % 2:
-                raise InvalidParameterError(f"frames must have even width and height for yuv420p, got {w}x{h}")
+                raise InvalidParameterError(
+                    f"frames must have even width and height for yuv420p, got {w}x{h}"
+                )
             size = (w, h)
             stream = container.add_stream("libx264", rate=rate)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             stream.options = {"crf": str(crf), "profile": "high", "level": level, "preset": "veryfast"}
         elif (w, h) != size:
+            assert size is not None
             raise InvalidParameterError(f"frame {n} is {w}x{h}, expected {size[0]}x{size[1]}")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         for packet in stream.encode(frame):
             container.mux(packet)
-        n += 1
     if stream is None:
         container.close()
         raise InvalidParameterError("frames is empty: nothing to encode")

@@ -36,7 +36,9 @@ def task_dict(t: TaskResult) -> dict[str, Any]:
     }
 
 
-def analysis_dict(analysis: Analysis, info: MediaInfo, frames: int, extra_inputs: list[str] | None = None) -> dict[str, Any]:
+def analysis_dict(
+    analysis: Analysis, info: MediaInfo, frames: int, extra_inputs: list[str] | None = None
+) -> dict[str, Any]:
     """The JSON document for one analysed input (``frames``: how many frames were decoded)."""
     q = analysis.quality
     doc: dict[str, Any] = {

@@ -49,7 +49,9 @@ def test_ratios_are_recovered(face: phantom.SourceFace, task: Task, tmp_path: Pa
         got = (result["asymmetry_index"], result["weaker_side"])
         want = (truth["expected_asymmetry_index"], truth["weaker_side"])
         if abs(got[0] - want[0]) > 0.1 or got[1] != want[1]:
-            failures.append(f"{left}:{right} got AI {got[0]:.3f} weaker {got[1]}, want {want[0]:.2f} {want[1]}")
+            failures.append(
+                f"{left}:{right} got AI {got[0]:.3f} weaker {got[1]}, want {want[0]:.2f} {want[1]}"
+            )
     assert not failures, failures
 
 

@@ -54,7 +54,9 @@ def test_freeze_half_names_the_frozen_side(faces_dir: Path, tmp_path: Path, side
     assert smile["asymmetry_index"] >= 0.6
 
 
-def test_no_face_is_not_analysable(faces_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_face_is_not_analysable(
+    faces_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, doc = _analyze(tmp_path, str(faces_dir / "no_face.mp4"))
     assert code == 3
     assert doc["quality"] == {"ok": False, "reasons": ["no face"], "valid_frames": 0, "warnings": []}
