@@ -32,5 +32,7 @@ def require_peer(tool: str) -> str:
 def faces_dir() -> Path:
     """The real test faces (see its SOURCES.md); skips when the shared data folder is absent."""
     if not FACES_DIR.is_dir():
+        if os.environ.get("FACESYM_REQUIRE_PEERS") == "1":
+            pytest.fail(f"test faces not found at {FACES_DIR} but FACESYM_REQUIRE_PEERS=1")
         pytest.skip(f"test faces not found at {FACES_DIR}")
     return FACES_DIR
