@@ -19,6 +19,7 @@ from service.engine.landmarks import FaceMeshDetector, TrackBuilder
 from service.engine.pixels import CropStore, align_to_reference, track_points
 from service.engine.quality import QualityLimits, assess
 from service.engine.scores import GateThresholds, score_task
+from service.errors import NotAnalysableError
 
 Progress = Callable[[int], None]
 EYE_WINDOW_PX = 7
@@ -232,6 +233,29 @@ def _pixel_displacements(
     return out
 
 
+def _task_signal(
+    task: Task, disp: np.ndarray, rest_pose: np.ndarray, indices: list[int], n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The task's (T, 2) signal and the (T, n, 2) left/right displacement vectors for the cosine score.
+
+    ``disp`` holds displacements in D of the landmarks ``indices``: n left-group points, their n mirror
+    partners, then (brow raise) the left and right canthi.
+    """
+    vl, vr = disp[:, :n], disp[:, n : 2 * n]
+    if task is Task.EYE_CLOSURE:
+        # The contour as it moved: rest positions plus the measured displacements, then 1 − A(t)/A(rest).
+        moved = rest_pose[None].repeat(disp.shape[0], axis=0)
+        moved[:, indices] = moved[:, indices] + disp
+        return tk.eye_closure_signal(moved, rest_pose), vl, vr
+    if task is Task.SMILE:
+        return tk.smile_signal(vl, vr), vl, vr
+    c_l, c_r = disp[:, 2 * n : 2 * n + 2], disp[:, 2 * n + 2 :]
+    # Brow vectors relative to the canthi, like the signal.
+    vl = vl - np.nanmean(c_l, axis=1, keepdims=True)
+    vr = vr - np.nanmean(c_r, axis=1, keepdims=True)
+    return tk.brow_signal(disp[:, :n], disp[:, n : 2 * n], c_l, c_r), vl, vr
+
+
 def _measure(
     seg: tk.Segment,
     pts: np.ndarray,
@@ -257,44 +281,39 @@ def _measure(
     rest_rel = slice(seg.rest_start - lo, seg.rest_end - lo + 1)
     left_idx, right_idx = tk.groups(task)
     notes: list[str] = []
-    method = "landmarks"
 
     disp_lm = norm[lo : hi + 1] - rest_pose
     cl, cr = list(tk.CANTHI_LEFT), list(tk.mirrored(tk.CANTHI_LEFT))
     indices = list(left_idx) + list(right_idx) + (cl + cr if task is Task.BROW_RAISE else [])
-    disp = disp_lm[:, indices]
+    candidates: list[tuple[str, np.ndarray]] = []
     if params.pixel_tracking:
         window = EYE_WINDOW_PX if task is Task.EYE_CLOSURE else 21
         px = _pixel_displacements(seg, lo, hi, pts, crops, indices, rest_rel, window)
         lost = 1.0 if px is None else float(np.isnan(px[start - lo : end - lo + 1]).any(axis=2).mean())
         if px is not None and lost <= params.max_lost_pixel_fraction:
-            disp, method = px, "pixels"
+            candidates.append(("pixels", px))
         else:
             notes.append(
                 f"pixel tracking lost {100 * lost:.0f} % of points; "
                 "landmark positions used, which can understate asymmetry"
             )
-    n = len(left_idx)
-    vl, vr = disp[:, :n], disp[:, n : 2 * n]
-    if task is Task.EYE_CLOSURE:
-        # The contour as it moved: rest positions plus the measured displacements, then 1 − A(t)/A(rest).
-        moved = rest_pose[None].repeat(disp.shape[0], axis=0)
-        moved[:, indices] = moved[:, indices] + disp
-        sig = tk.eye_closure_signal(moved, rest_pose)
-    elif task is Task.SMILE:
-        sig = tk.smile_signal(vl, vr)
-    else:
-        c_l, c_r = disp[:, 2 * n : 2 * n + 2], disp[:, 2 * n + 2 :]
-        sig = tk.brow_signal(vl, vr, c_l, c_r)
-        # Brow vectors relative to the canthi, like the signal.
-        vl = vl - np.nanmean(c_l, axis=1, keepdims=True)
-        vr = vr - np.nanmean(c_r, axis=1, keepdims=True)
+    candidates.append(("landmarks", disp_lm[:, indices]))
 
-    bil = tk.smooth(np.nanmean(sig, axis=1), width)
-    p0, p1 = tk.peak_interval(bil, start - lo, end - lo, params.peak_fraction)
-    peak = slice(p0, p1 + 1)
-    left = max(0.0, float(np.nanmedian(sig[peak, 0])))
-    right = max(0.0, float(np.nanmedian(sig[peak, 1])))
+    for method, disp in candidates:
+        sig, vl, vr = _task_signal(task, disp, rest_pose, indices, len(left_idx))
+        bil = tk.smooth(np.nanmean(sig, axis=1), width)
+        p0, p1 = tk.peak_interval(bil, start - lo, end - lo, params.peak_fraction)
+        peak = slice(p0, p1 + 1)
+        with np.errstate(invalid="ignore"):
+            left_raw = float(np.nanmedian(sig[peak, 0])) if np.isfinite(sig[peak, 0]).any() else np.nan
+            right_raw = float(np.nanmedian(sig[peak, 1])) if np.isfinite(sig[peak, 1]).any() else np.nan
+        if np.isfinite(left_raw) and np.isfinite(right_raw):
+            break
+        # Never a silent 0: a side that could not be measured falls back to landmarks, or fails the task.
+        notes.append(f"{method}: the peak could not be measured on both sides")
+    else:
+        raise NotAnalysableError([f"{task.value}: movement could not be measured on both sides"])
+    left, right = max(0.0, left_raw), max(0.0, right_raw)
     v_left = np.nan_to_num(np.nanmedian(vl[peak], axis=0))
     v_right = np.nan_to_num(np.nanmedian(vr[peak], axis=0))
     s = score_task(left, right, v_left, v_right, params.gates[task])

@@ -86,3 +86,42 @@ def test_dicom_phantom_passes_dciodvfy_and_analyses_like_the_mp4(tmp_path: Path)
     (smile,) = doc["tasks"]
     assert smile["task"] == "smile" and smile["weaker_side"] == "right"
     assert abs(smile["asymmetry_index"] - 0.8) <= 0.1
+
+
+@pytest.mark.parametrize("task", [Task.SMILE, Task.BROW_RAISE])
+def test_photo_pair_gives_the_ratios(task: Task) -> None:
+    from service.engine.pipeline import analyze_photos
+
+    face = phantom.load_face(Path(__file__).resolve().parents[2] / "service/phantom/data/demo_face.jpg")
+    for left, right in [(1.0, 1.0), (1.0, 0.2), (0.5, 1.0)]:
+        a = AMPLITUDE[task]
+        motion = phantom.TaskMotion(task, a * left, a * right)
+        rest, expression, truth = phantom.render_photo_pair(face, motion)
+        for asked in (task, None):  # named, and found (auto)
+            (got,) = analyze_photos(rest, expression, asked).tasks
+            assert got.task is task
+            assert abs(got.asymmetry_index - truth["expected_asymmetry_index"]) <= 0.1
+            assert (got.weaker_side.value if got.weaker_side else None) == truth["weaker_side"]
+
+
+def test_eye_closure_photo_pair_falls_back_to_landmarks_and_says_so() -> None:
+    """Lucas–Kanade cannot follow a lid that jumps shut between two photos (known limit): the engine
+    must say it used landmarks, never return a silent 0 for the untracked side."""
+    from service.engine.pipeline import analyze_photos
+
+    face = phantom.load_face(Path(__file__).resolve().parents[2] / "service/phantom/data/demo_face.jpg")
+    rest, expression, _ = phantom.render_photo_pair(face, phantom.TaskMotion(Task.EYE_CLOSURE, 0.45, 0.09))
+    (got,) = analyze_photos(rest, expression, Task.EYE_CLOSURE).tasks
+    assert got.method == "landmarks" and got.notes
+    assert got.left > got.right > 0 and got.weaker_side is not None and got.weaker_side.value == "right"
+
+
+def test_single_rest_photo_gives_static_items_only() -> None:
+    from service.engine.pipeline import analyze_photos
+
+    face = phantom.load_face(Path(__file__).resolve().parents[2] / "service/phantom/data/demo_face.jpg")
+    analysis = analyze_photos(face.rgb, None)
+    assert analysis.quality.ok and analysis.tasks == ()
+    names = {s.name: s for s in analysis.static}
+    assert set(names) == {"brow_height", "palpebral_fissure_height", "commissure_height"}
+    assert names["brow_height"].left > 0 and names["commissure_height"].left < 0
