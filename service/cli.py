@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _console() -> Console:
-    return Console(stderr=False, highlight=False)
+    # Pipes and CI logs get a fixed width wide enough for the result table (rich assumes 80 columns).
+    return Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 120)
 
 
 def result_table(doc: dict[str, Any]) -> Table:
