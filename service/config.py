@@ -1,0 +1,146 @@
+"""One frozen Settings object: embedded defaults, then a TOML file, then FACESYM_* environment variables.
+
+Built only by cli.py; every other module receives the values it needs. README has the reference table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from service.errors import InvalidParameterError
+
+_AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash or control chars
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer to send reports to: ``AETITLE@host:port``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        m = re.fullmatch(r"\s*([^@]+)@([^:@\s]+):(\d+)\s*", text)
+        if not m or not _AE.match(m.group(1).strip()) or not 0 < int(m.group(3)) < 65536:
+            raise InvalidParameterError(f"destination must be AETITLE@host:port, got {text!r}")
+        return cls(m.group(1).strip(), m.group(2), int(m.group(3)))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+#: Default task rules: case-insensitive regular expressions over SeriesDescription, ProtocolName,
+#: ImageComments and PerformedProcedureStepDescription; the first match wins, else ``auto``.
+DEFAULT_TASK_RULES: tuple[tuple[str, str], ...] = (
+    ("smile", r"\bsmil(e|ing)\b|\bgrin\b"),
+    ("eye_closure", r"\beye[ _-]*clos(e|ure|ing)\b|\bblink|\bclose[ _-]*eyes?\b"),
+    ("brow_raise", r"\bbrow|\bforehead|\beyebrow"),
+    ("rest", r"\brest\b|\bneutral\b|\brepos"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the service. Names map to env vars as FACESYM_<NAME upper-cased>."""
+
+    data_dir: Path = Path("./var")
+    database_url: str = ""  # default: sqlite:///<data_dir>/facesym.db
+    dicom_host: str = "127.0.0.1"
+    dicom_port: int = 11112
+    ae_title: str = "FACESYM"
+    destinations: tuple[Destination, ...] = ()
+    quiet_seconds: float = 30.0
+    allowed_calling_aes: tuple[str, ...] = ()  # empty: any calling AE title
+    max_associations: int = 10
+    min_free_disk_mb: int = 1024
+    duplicate_policy: str = "version"  # different bytes, same SOP Instance UID: "version" keeps both, "reject"
+    workers: int = 2
+    poll_seconds: float = 1.0
+    max_attempts: int = 5
+    retry_base_seconds: float = 5.0
+    retry_max_seconds: float = 600.0
+    task_rules: tuple[tuple[str, str], ...] = field(default=DEFAULT_TASK_RULES)
+    log_level: str = "INFO"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'facesym.db').resolve()}"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    def validate(self) -> Settings:
+        if not _AE.match(self.ae_title):
+            raise InvalidParameterError(f"ae_title must be 1–16 printable characters, got {self.ae_title!r}")
+        if not 0 < self.dicom_port < 65536:
+            raise InvalidParameterError(f"dicom_port must be 1–65535, got {self.dicom_port}")
+        if self.duplicate_policy not in ("version", "reject"):
+            raise InvalidParameterError(f"duplicate_policy must be version or reject, got {self.duplicate_policy!r}")
+        for name in ("quiet_seconds", "poll_seconds", "retry_base_seconds", "retry_max_seconds"):
+            if getattr(self, name) < 0:
+                raise InvalidParameterError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("workers", "max_associations", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise InvalidParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for task, pattern in self.task_rules:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InvalidParameterError(f"task_rules: bad pattern for {task!r}: {exc}") from None
+        return self
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    try:
+        if kind == "Path":
+            return Path(str(value))
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if name == "destinations":
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(Destination.parse(x) for x in items if str(x).strip())
+        if name == "allowed_calling_aes":
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(str(x).strip() for x in items if str(x).strip())
+        if name == "task_rules":
+            if isinstance(value, Mapping):
+                return tuple((str(k), str(v)) for k, v in value.items())
+            return tuple((str(k), str(v)) for k, v in value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameterError(f"setting {name}: cannot use {value!r} ({exc})") from None
+
+
+def load_settings(config_file: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Defaults ← TOML file (a ``[facesym]`` table or top-level keys) ← FACESYM_* environment variables."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    names = {f.name for f in fields(Settings)}
+    if config_file:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidParameterError(f"config file {path}: {exc}") from None
+        data = data.get("facesym", data)
+        unknown = set(data) - names
+        if unknown:
+            raise InvalidParameterError(f"config file {path}: unknown settings {sorted(unknown)}")
+        values.update({k: _coerce(k, v) for k, v in data.items()})
+    for name in names - {"task_rules"}:
+        key = f"FACESYM_{name.upper()}"
+        if key in env:
+            values[name] = _coerce(name, env[key])
+    return replace(Settings(), **values).validate()
