@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 run: $(STAMP)
-	$(VENV)/bin/facesym demo
+	$(VENV)/bin/facesym serve
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check service tests bench scripts

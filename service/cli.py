@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instead: hold this half of a real clip's face still (needs --clip)")
     ph.add_argument("--clip", help="real clip for --freeze-half")
 
-    sub.add_parser("demo", help="make a phantom clip with a weak left side, analyse it, print the result")
+    sv = sub.add_parser("serve", help="run the DICOM service: storage SCP, scheduler and workers")
+    sv.add_argument("--config", help="TOML settings file (FACESYM_* environment variables override it)")
+
+    dm = sub.add_parser("demo", help="send a phantom exam to FaceSym over DICOM and print the SR's scores")
+    dm.add_argument("--config", help="TOML settings file (where FaceSym listens)")
+    dm.add_argument("--receiver-port", type=int, default=0, help="port of the demo's SR receiver (default: free)")
     return p
 
 
@@ -188,32 +193,41 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_demo(_: argparse.Namespace) -> int:
-    from service import phantom
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from service.config import load_settings
+    from service.jobs.scheduler import FaceSymService
+
+    settings = load_settings(args.config)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    service = FaceSymService(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    service.start()
+    stop.wait()
+    service.stop()
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from service.config import load_settings
+    from service.demo import run_demo
 
     console = _console()
-    motions = (
-        phantom.TaskMotion(Task.SMILE, 0.08, 0.25),
-        phantom.TaskMotion(Task.EYE_CLOSURE, 0.45, 0.45),
-        phantom.TaskMotion(Task.BROW_RAISE, 0.03, 0.15),
-    )
-    with tempfile.TemporaryDirectory(prefix="facesym-demo-") as tmp:
-        clip = Path(tmp) / "phantom.mp4"
-        console.print("Making a phantom clip from a real face: smile, eye closure, brow raise; "
-                      "the patient's left side moves less in smile and brow raise …")
-        truth = phantom.write_phantom(
-            phantom.load_face(_default_face()), phantom.PhantomSpec(motions=motions), clip
-        )
-        doc = analyze_path(str(clip), None, None, False, show_progress=sys.stderr.isatty())
-    console.print(result_table(doc))
-    table = Table(title="ground truth of the phantom")
-    for col in ("task", "left", "right", "expected AI", "weaker"):
+    results = run_demo(load_settings(args.config), args.receiver_port)
+    table = Table(title="Scores read back from the DICOM SR (sides are the patient's)")
+    for col in ("instance", "task", "left", "right", "AI", "gate", "AS", "CS", "weaker"):
         table.add_column(col)
-    for t in truth["tasks"]:
-        table.add_row(
-            t["task"], f"{t['left']:.2f}", f"{t['right']:.2f}", f"{t['expected_asymmetry_index']:.2f}",
-            t["weaker_side"] or "none",
-        )
+    for group in results:
+        for t in group["tasks"]:
+            table.add_row(group["sop_instance_uid"][-12:], t["task"], f"{t['left']:.3f}", f"{t['right']:.3f}",
+                          f"{t['asymmetry_index']:.2f}", f"{t['activation_gate']:.2f}", f"{t['asymmetry_score']:.0f}",
+                          f"{t['cosine_score']:.0f}", t["weaker_side"] or "none")
+        if not group["quality_ok"]:
+            table.add_row(group["sop_instance_uid"][-12:], "not analysable", "; ".join(group["reasons"]), *[""] * 6)
     console.print(table)
     return EXIT_OK
 
@@ -222,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"analyze": cmd_analyze, "phantom": cmd_phantom, "demo": cmd_demo}
+    handlers = {"analyze": cmd_analyze, "phantom": cmd_phantom, "serve": cmd_serve, "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except UnreadableInputError as exc:
@@ -234,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     except FaceSymError as exc:
         _console().print(f"[bold red]error:[/] {exc}")
         return exc.exit_code
+    except TimeoutError as exc:
+        _console().print(f"[bold red]timed out:[/] {exc}")
+        return 1
 
 
 if __name__ == "__main__":

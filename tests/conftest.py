@@ -36,3 +36,30 @@ def faces_dir() -> Path:
             pytest.fail(f"test faces not found at {FACES_DIR} but FACESYM_REQUIRE_PEERS=1")
         pytest.skip(f"test faces not found at {FACES_DIR}")
     return FACES_DIR
+
+
+def in_private_netns() -> bool:
+    """True when this process sees only the loopback interface (a private network namespace, as
+    `.ci/run` sets up with `unshare -n`)."""
+    # /proc/self/net/dev follows the reading process's namespace (/sys/class/net may be the host's).
+    try:
+        lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return False
+    return [line.split(":")[0].strip() for line in lines] == ["lo"]
+
+
+def require_private_netns(why: str) -> None:
+    """Peers that listen on every address (storescp, Orthanc) may only run inside a private namespace."""
+    if not in_private_netns():
+        if os.environ.get("FACESYM_REQUIRE_PEERS") == "1":
+            pytest.fail(f"{why}: needs a private network namespace (run under `unshare -n`, as .ci/run does)")
+        pytest.skip(f"{why} listens on every address: runs only inside a private network namespace (.ci/run)")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

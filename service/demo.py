@@ -1,0 +1,155 @@
+"""``facesym demo``: a phantom exam goes to FaceSym over DICOM and the SR comes back to a local receiver.
+
+Three phantom clips (smile, eye closure, brow raise) of one study, each a DICOM Video Photographic
+object, are sent by C-STORE; a small storage SCP stands in for the PACS and receives the SR.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ComprehensiveSRStorage, Verification
+
+from service.config import Destination, Settings
+from service.domain import Task
+
+DEMO_AE = "FACESYM_DEMO"
+MOTIONS = {Task.SMILE: (0.08, 0.25), Task.EYE_CLOSURE: (0.45, 0.45), Task.BROW_RAISE: (0.03, 0.15)}
+DESCRIPTIONS = {Task.SMILE: "Smile", Task.EYE_CLOSURE: "Eye closure", Task.BROW_RAISE: "Brow raise"}
+
+
+def make_exam(out_dir: Path) -> tuple[str, list[Path]]:
+    """Three phantom clips of one study (the patient's left is weak in smile and brow raise)."""
+    from service import phantom
+    from service.media.dicom_io import build_video_photographic, write_dicom
+    from service.media.encode import encode_mp4
+
+    face = phantom.load_face(Path(__file__).resolve().parent / "phantom" / "data" / "demo_face.jpg")
+    study_uid = generate_uid()
+    paths = []
+    for n, (task, (left, right)) in enumerate(MOTIONS.items(), 1):
+        clip = phantom.render(face, phantom.PhantomSpec(motions=(phantom.TaskMotion(task, left, right),)))
+        mp4 = encode_mp4(clip.frames(), clip.fps)
+        ds = build_video_photographic(
+            mp4, width=clip.width, height=clip.height, n_frames=clip.n_frames, fps=clip.fps,
+            study_uid=study_uid, series_description=DESCRIPTIONS[task], series_number=n,
+            study_description="FaceSym demo exam",
+        )
+        path = out_dir / f"{task.value}.dcm"
+        write_dicom(ds, path)
+        paths.append(path)
+    return study_uid, paths
+
+
+class Receiver:
+    """A minimal storage SCP on 127.0.0.1 that keeps the SRs it receives (the demo's stand-in PACS)."""
+
+    def __init__(self, port: int, ae_title: str = DEMO_AE) -> None:
+        self.received: list[Any] = []
+        self._cond = threading.Condition()
+        ae = AE(ae_title=ae_title)
+        ae.add_supported_context(ComprehensiveSRStorage)
+        ae.add_supported_context(Verification)
+
+        def on_store(event: Any) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            with self._cond:
+                self.received.append(ds)
+                self._cond.notify_all()
+            return 0x0000
+
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        self.port = self.server.server_address[1]
+
+    def wait_for(self, study_uid: str, timeout: float) -> Any | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for ds in self.received:
+                    if ds.StudyInstanceUID == study_uid:
+                        return ds
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def send(paths: list[Path], host: str, port: int, called_ae: str, calling_ae: str = DEMO_AE) -> None:
+    from pydicom import dcmread
+
+    from service.dicom.scu import DeliveryError
+
+    ae = AE(ae_title=calling_ae)
+    datasets = [dcmread(p) for p in paths]
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise DeliveryError(f"FaceSym at {called_ae}@{host}:{port} did not accept the association")
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            if getattr(status, "Status", None) != 0x0000:
+                raise DeliveryError(f"C-STORE of {ds.SOPInstanceUID} failed: {status}")
+    finally:
+        assoc.release()
+
+
+def facesym_answers(host: str, port: int, ae_title: str) -> bool:
+    ae = AE(ae_title=DEMO_AE)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 3
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        return False
+    assoc.release()
+    return True
+
+
+def run_demo(settings: Settings, receiver_port: int = 0, timeout: float = 300.0) -> list[dict[str, Any]]:
+    """Send a phantom exam to FaceSym (an embedded one if none answers at the configured address) and
+    return the per-instance results read back from the SR that arrives at the demo receiver."""
+    from service.report.sr import read_report
+
+    receiver = Receiver(receiver_port)
+    service = None
+    try:
+        if not facesym_answers(settings.dicom_host, settings.dicom_port, settings.ae_title):
+            from service.jobs.scheduler import FaceSymService
+
+            tmp = Path(tempfile.mkdtemp(prefix="facesym-demo-"))
+            embedded = replace(
+                settings, data_dir=tmp, database_url="", quiet_seconds=2.0, poll_seconds=0.5,
+                destinations=(Destination(DEMO_AE, "127.0.0.1", receiver.port),),
+            )
+            service = FaceSymService(embedded)
+            service.start()
+            print(f"No FaceSym answered at {settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}; "
+                  f"started one for the demo (data in {tmp}).")
+        else:
+            print(f"Using the running FaceSym at {settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}; "
+                  f"it must send reports to {DEMO_AE}@127.0.0.1:{receiver.port}.")
+        with tempfile.TemporaryDirectory(prefix="facesym-exam-") as tmpdir:
+            print("Making a phantom exam (smile, eye closure, brow raise; the left side is weak) …")
+            study_uid, paths = make_exam(Path(tmpdir))
+            send(paths, settings.dicom_host, settings.dicom_port, settings.ae_title)
+            print(f"Sent {len(paths)} DICOM videos of study {study_uid}; waiting for the SR …")
+            sr = receiver.wait_for(study_uid, timeout)
+        if sr is None:
+            raise TimeoutError(f"no SR for study {study_uid} within {timeout:.0f} s")
+        return read_report(sr)
+    finally:
+        if service is not None:
+            service.stop()
+        receiver.stop()

@@ -1,0 +1,106 @@
+"""Analyse the instances of one study: decode each, run the engine with the task its rules assign, pair
+rest and expression photos. Bad input becomes a "not analysable" finding with the reason, never a crash."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.domain import Analysis, Quality, Task
+from service.engine.pipeline import analyze_frames, analyze_photos
+from service.errors import NotAnalysableError, UnreadableInputError
+from service.media.decode import open_media
+from service.media.prefetch import prefetch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceInput:
+    """One received object to analyse: where it is and what the rules say it shows."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    task_hint: str | None  # "smile" | "eye_closure" | "brow_raise" | "rest" | None (auto)
+    number_of_frames: int | None
+    order: int  # instance number or arrival order, for pairing photos
+
+
+@dataclass(frozen=True)
+class InstanceAnalysis:
+    source: InstanceInput
+    analysis: Analysis
+    frames: int
+    fps: float
+
+
+def _failed(reason: str) -> Analysis:
+    return Analysis(Quality(False, (reason,), (), 0, 0), ())
+
+
+def _task(hint: str | None) -> Task | None:
+    return Task(hint) if hint in {t.value for t in Task} else None
+
+
+def analyse_study(inputs: list[InstanceInput]) -> list[InstanceAnalysis]:
+    """Analyse every instance; photos are paired (rest + expression) within the study.
+
+    Pairing: photos whose rules say "rest" are rest photos; every other photo is an expression photo and is
+    paired with the study's rest photo (the latest by instance order). Without any rest photo, two unlabelled
+    photos pair in instance order (first = rest). A lone expression photo is "not analysable" with the
+    reason; a lone rest photo gives the static items.
+    """
+    out: list[InstanceAnalysis] = []
+    photos: list[tuple[InstanceInput, object]] = []
+    for item in inputs:
+        try:
+            source = open_media(item.path)
+        except UnreadableInputError as exc:
+            log.warning("instance %s unreadable: %s", item.sop_instance_uid, exc)
+            out.append(InstanceAnalysis(item, _failed(f"unreadable: {exc}"), 0, 0.0))
+            continue
+        info = source.info
+        if info.kind == "image" and (info.frames or 1) == 1:
+            photos.append((item, next(iter(source.frames())).rgb))
+            continue
+        counted = [0]
+
+        def tick(n: int, counted: list[int] = counted) -> None:
+            counted[0] = n
+
+        try:
+            analysis = analyze_frames(prefetch(source.frames()), info.fps, _task(item.task_hint), progress=tick)
+        except (UnreadableInputError, NotAnalysableError) as exc:
+            reasons = exc.reasons if isinstance(exc, NotAnalysableError) else [f"unreadable: {exc}"]
+            analysis = Analysis(Quality(False, tuple(reasons), (), 0, counted[0]), ())
+        out.append(InstanceAnalysis(item, analysis, counted[0], info.fps))
+    out.extend(_analyse_photos(photos))
+    order = {i.sop_instance_uid: k for k, i in enumerate(inputs)}
+    return sorted(out, key=lambda a: order[a.source.sop_instance_uid])
+
+
+def _analyse_photos(photos: list[tuple[InstanceInput, object]]) -> list[InstanceAnalysis]:
+    import numpy as np
+
+    photos = sorted(photos, key=lambda p: p[0].order)
+    rests = [p for p in photos if p[0].task_hint == "rest"]
+    others = [p for p in photos if p[0].task_hint != "rest"]
+    if not rests and len(others) == 2 and all(p[0].task_hint is None for p in others):
+        rests, others = [others[0]], [others[1]]
+    out = []
+    rest = rests[-1] if rests else None
+    for item, rgb in rests:
+        analysis = analyze_photos(np.asarray(rgb), None)
+        out.append(InstanceAnalysis(item, analysis, 1, 0.0))
+    for item, rgb in others:
+        if rest is None:
+            out.append(InstanceAnalysis(item, _failed("expression photo without a rest photo in the study"), 1, 0.0))
+            continue
+        try:
+            analysis = analyze_photos(np.asarray(rest[1]), np.asarray(rgb), _task(item.task_hint))
+        except NotAnalysableError as exc:
+            analysis = _failed("; ".join(exc.reasons))
+        out.append(InstanceAnalysis(item, analysis, 2, 0.0))
+    return out

@@ -1,0 +1,96 @@
+"""The running service: storage SCP + APScheduler clock + a bounded worker pool, all over one database.
+
+APScheduler only ticks; the job table is the queue, so a crash loses nothing: on start-up RUNNING jobs go
+back to QUEUED and every tick re-reads what is due.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from service.config import Settings
+from service.engine import ENGINE_VERSION
+from service.jobs.analysis import analyse_study
+from service.jobs.worker import (
+    Analyser,
+    WorkerContext,
+    claim_next_job,
+    deliver_due,
+    process_job,
+    promote_stable_studies,
+    recover_interrupted,
+)
+from service.store.db import open_database
+from service.store.files import FileStore
+
+log = logging.getLogger(__name__)
+
+
+class FaceSymService:
+    """``facesym serve``: receive, analyse, report and deliver until stopped."""
+
+    def __init__(self, settings: Settings, analyser: Analyser = analyse_study) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.sessions = open_database(settings.effective_database_url)
+        self.files = FileStore(settings.files_dir)
+        self.ctx = WorkerContext(
+            settings, self.sessions, self.files, ENGINE_VERSION, f"{socket.gethostname()}:{os.getpid()}", analyser
+        )
+        self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="facesym-worker")
+        self._slots = threading.BoundedSemaphore(settings.workers)
+        self._scheduler = BackgroundScheduler(timezone=UTC)
+        self._scp = None
+
+    def start(self) -> None:
+        from service.dicom.scp import start_scp
+
+        recover_interrupted(self.sessions)
+        self._scp = start_scp(self.settings, self.sessions, self.files, ENGINE_VERSION)
+        every = max(0.1, self.settings.poll_seconds)
+        now = datetime.now(UTC)
+        self._scheduler.add_job(self._dispatch, "interval", seconds=every, max_instances=1, coalesce=True,
+                                next_run_time=now, id="dispatch")
+        self._scheduler.add_job(self._deliver, "interval", seconds=every, max_instances=1, coalesce=True,
+                                next_run_time=now, id="deliver")
+        self._scheduler.start()
+        log.info("FaceSym %s listening as %s on %s:%d; destinations: %s", ENGINE_VERSION, self.settings.ae_title,
+                 self.settings.dicom_host, self.settings.dicom_port,
+                 ", ".join(map(str, self.settings.destinations)) or "none")
+
+    def _dispatch(self) -> None:
+        promote_stable_studies(self.sessions, self.settings.quiet_seconds)
+        while self._slots.acquire(blocking=False):
+            job_id = claim_next_job(self.sessions, self.ctx.worker_id)
+            if job_id is None:
+                self._slots.release()
+                return
+            self._pool.submit(self._run, job_id)
+
+    def _run(self, job_id: int) -> None:
+        try:
+            process_job(self.ctx, job_id)
+        except Exception:  # noqa: BLE001 - logged; the job stays RUNNING and is recovered on restart
+            log.exception("job %d: worker crashed", job_id)
+        finally:
+            self._slots.release()
+
+    def _deliver(self) -> None:
+        try:
+            deliver_due(self.ctx)
+        except Exception:  # noqa: BLE001 - the next tick retries
+            log.exception("delivery tick failed")
+
+    def stop(self) -> None:
+        self._scheduler.shutdown(wait=False)
+        if self._scp is not None:
+            self._scp.shutdown()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        log.info("FaceSym stopped")

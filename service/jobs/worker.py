@@ -1,0 +1,236 @@
+"""The one orchestrator: claim a due job → load the study → analyse → SR → deliveries. State lives in the DB.
+
+Job states: RECEIVED (waiting for the study to be quiet) → QUEUED → RUNNING → REPORTED → DELIVERED, or
+FAILED(reason) after ``max_attempts``. A destination that is down delays a delivery, never loses it.
+Logs carry job ids and UIDs only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Destination, Settings
+from service.dicom.scu import DeliveryError, send_files
+from service.jobs.analysis import InstanceAnalysis, InstanceInput, analyse_study
+from service.jobs.rules import assign_task
+from service.report.jsonout import analysis_dict
+from service.store.db import Delivery, DeliveryState, Instance, Job, JobState, Series, Study, utcnow
+from service.store.files import FileStore
+
+log = logging.getLogger(__name__)
+
+Analyser = Callable[[list[InstanceInput]], list[InstanceAnalysis]]
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    files: FileStore
+    engine_version: str
+    worker_id: str
+    analyser: Analyser = analyse_study
+
+
+def backoff(settings: Settings, attempts: int) -> timedelta:
+    """Exponential backoff: base · 2^(attempts − 1), capped at retry_max_seconds."""
+    return timedelta(seconds=min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** max(0, attempts - 1)))
+
+
+def _aware(t: datetime) -> datetime:
+    # SQLite returns naive datetimes even for timezone-aware columns; everything we store is UTC.
+    return t if t.tzinfo else t.replace(tzinfo=utcnow().tzinfo)
+
+
+def recover_interrupted(sessions: sessionmaker[Session]) -> int:
+    """At start-up: jobs left RUNNING by a crash go back to QUEUED. Returns how many."""
+    with sessions.begin() as s:
+        n = s.execute(
+            update(Job).where(Job.state == JobState.RUNNING).values(state=JobState.QUEUED, claimed_by="")
+        ).rowcount
+    if n:
+        log.warning("recovered %d job(s) left RUNNING by an earlier process", n)
+    return int(n or 0)
+
+
+def promote_stable_studies(sessions: sessionmaker[Session], quiet_seconds: float, now: datetime | None = None) -> list[int]:
+    """RECEIVED jobs whose study has been quiet for ``quiet_seconds`` become QUEUED."""
+    now = now or utcnow()
+    promoted = []
+    with sessions.begin() as s:
+        rows = s.execute(select(Job, Study).join(Study, Job.study_pk == Study.id).where(Job.state == JobState.RECEIVED)).all()
+        for job, study in rows:
+            if now - _aware(study.last_received_at) >= timedelta(seconds=quiet_seconds):
+                job.state, job.next_run_at = JobState.QUEUED, now
+                promoted.append(job.id)
+    for job_id in promoted:
+        log.info("job %d queued (study quiet for %gs)", job_id, quiet_seconds)
+    return promoted
+
+
+def claim_next_job(sessions: sessionmaker[Session], worker_id: str, now: datetime | None = None) -> int | None:
+    """Atomically move one due QUEUED job to RUNNING; the conditional UPDATE makes racing workers safe."""
+    now = now or utcnow()
+    with sessions.begin() as s:
+        candidates = s.scalars(
+            select(Job.id).where(Job.state == JobState.QUEUED, Job.next_run_at <= now).order_by(Job.next_run_at).limit(5)
+        ).all()
+        for job_id in candidates:
+            got = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.QUEUED)
+                .values(state=JobState.RUNNING, claimed_by=worker_id, attempts=Job.attempts + 1, updated_at=now)
+            ).rowcount
+            if got == 1:
+                return int(job_id)
+    return None
+
+
+def _inputs(s: Session, files: FileStore, study: Study, rules: tuple[tuple[str, str], ...]) -> list[InstanceInput]:
+    rows = s.execute(
+        select(Instance, Series).join(Series, Instance.series_pk == Series.id).where(Series.study_pk == study.id)
+    ).all()
+    latest: dict[str, tuple[Instance, Series]] = {}
+    for inst, series in rows:
+        if inst.sop_instance_uid not in latest or inst.version > latest[inst.sop_instance_uid][0].version:
+            latest[inst.sop_instance_uid] = (inst, series)
+    items = sorted(latest.values(), key=lambda r: (r[1].series_number or 0, r[0].instance_number or 0, r[0].id))
+    return [
+        InstanceInput(
+            sop_instance_uid=inst.sop_instance_uid,
+            sop_class_uid=inst.sop_class_uid,
+            path=files.abspath(inst.path),
+            task_hint=assign_task(
+                (series.series_description, series.protocol_name, inst.image_comments,
+                 series.performed_procedure_step_description),
+                rules,
+            ),
+            number_of_frames=inst.number_of_frames,
+            order=k,
+        )
+        for k, (inst, series) in enumerate(items)
+    ]
+
+
+def process_job(ctx: WorkerContext, job_id: int) -> JobState:
+    """Run one claimed job to REPORTED (with PENDING deliveries), back to RECEIVED (new data arrived while it
+    ran), QUEUED (retry later) or FAILED. Never raises for bad input; a bug is retried, then FAILED."""
+    from service.report.sr import InstanceFinding
+    from service.report.sr_io import write_report
+
+    with ctx.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None, f"job {job_id} vanished"
+        study = s.get(Study, job.study_pk)
+        assert study is not None
+        study_uid, started = study.study_uid, utcnow()
+        received_before = _aware(study.last_received_at)
+        inputs = _inputs(s, ctx.files, study, ctx.settings.task_rules)
+    log.info("job %d: analysing study %s (%d instances)", job_id, study_uid, len(inputs))
+    try:
+        if not inputs:
+            raise RuntimeError("study has no instances")
+        results = ctx.analyser(inputs)
+        findings = [
+            InstanceFinding(r.source.sop_class_uid, r.source.sop_instance_uid, r.source.number_of_frames, r.analysis)
+            for r in results
+        ]
+        sr_path, sr_uid = write_report(
+            [r.source.path for r in results], findings, ctx.files.abspath(f"reports/{study_uid}"), ctx.engine_version
+        )
+        docs = [_result_doc(r) for r in results]
+    except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker; retried, then FAILED
+        return _retry_or_fail(ctx, job_id, f"{type(exc).__name__}: {exc}")
+
+    with ctx.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        study = s.get(Study, job.study_pk) if job else None
+        if job is None or study is None:
+            return JobState.FAILED
+        if _aware(study.last_received_at) > received_before:
+            job.state, job.claimed_by = JobState.RECEIVED, ""
+            log.info("job %d: new instances arrived while running; waiting for the study to be quiet again", job_id)
+            return JobState.RECEIVED
+        job.state, job.reason, job.claimed_by = JobState.REPORTED, "", ""
+        job.sr_path = str(Path(sr_path).relative_to(ctx.files.root))
+        job.sr_sop_instance_uid = sr_uid
+        job.result_json = json.dumps(docs)
+        existing = {d.destination for d in job.deliveries}
+        for dest in ctx.settings.destinations:
+            if str(dest) not in existing:
+                s.add(Delivery(job_pk=job.id, destination=str(dest), next_run_at=started))
+            else:
+                for d in job.deliveries:
+                    if d.destination == str(dest):
+                        d.state, d.attempts, d.next_run_at, d.last_error = DeliveryState.PENDING, 0, started, ""
+    log.info("job %d: reported as SR %s", job_id, sr_uid)
+    return JobState.REPORTED
+
+
+def _result_doc(r: InstanceAnalysis) -> dict[str, object]:
+    from service.domain import MediaInfo
+
+    info = MediaInfo(str(r.source.path), "video", 0, 0, r.fps, r.frames, "dicom")
+    doc = analysis_dict(r.analysis, info, r.frames)
+    doc["sop_instance_uid"] = r.source.sop_instance_uid
+    doc["task_hint"] = r.source.task_hint
+    return doc
+
+
+def _retry_or_fail(ctx: WorkerContext, job_id: int, reason: str) -> JobState:
+    now = utcnow()
+    with ctx.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.claimed_by = ""
+        if job.attempts >= ctx.settings.max_attempts:
+            job.state, job.reason = JobState.FAILED, reason
+            log.error("job %d FAILED after %d attempts: %s", job_id, job.attempts, reason)
+            return JobState.FAILED
+        job.state, job.reason = JobState.QUEUED, reason
+        job.next_run_at = now + backoff(ctx.settings, job.attempts)
+        log.warning("job %d attempt %d failed (%s); retry at %s", job_id, job.attempts, reason, job.next_run_at)
+        return JobState.QUEUED
+
+
+def deliver_due(ctx: WorkerContext, now: datetime | None = None) -> int:
+    """Send due PENDING deliveries; a job whose deliveries all succeeded becomes DELIVERED. Returns sent count."""
+    now = now or utcnow()
+    with ctx.sessions() as s:
+        due = s.execute(
+            select(Delivery.id, Delivery.destination, Job.sr_path, Job.id)
+            .join(Job, Delivery.job_pk == Job.id)
+            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_run_at <= now, Job.state == JobState.REPORTED)
+        ).all()
+    sent = 0
+    for delivery_id, destination, sr_path, job_id in due:
+        error = ""
+        try:
+            send_files(Destination.parse(destination), [ctx.files.abspath(sr_path)], ctx.settings.ae_title)
+        except (DeliveryError, OSError, ValueError, RuntimeError) as exc:
+            error = str(exc) or type(exc).__name__
+        with ctx.sessions.begin() as s:
+            d = s.get(Delivery, delivery_id)
+            assert d is not None
+            d.attempts += 1
+            if not error:
+                d.state, d.delivered_at, d.last_error = DeliveryState.DELIVERED, utcnow(), ""
+                sent += 1
+                log.info("job %d: report delivered to %s", job_id, destination)
+            else:
+                d.last_error = error
+                d.next_run_at = utcnow() + backoff(ctx.settings, d.attempts)
+                log.warning("job %d: delivery to %s failed (attempt %d, retry at %s): %s",
+                            job_id, destination, d.attempts, d.next_run_at, error)
+            job = s.get(Job, job_id)
+            if job and job.deliveries and all(x.state == DeliveryState.DELIVERED for x in job.deliveries):
+                job.state = JobState.DELIVERED
+    return sent

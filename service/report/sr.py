@@ -1,0 +1,602 @@
+"""The DICOM SR that carries FaceSym's results back to the PACS, and its reader.
+
+One Comprehensive SR (PS3.3 A.35.3) per study, whose content is a TID 1500 "Measurement Report"
+(PS3.16 TID 1500) built with highdicom. Its tree is described in conformance/sr-template.md and its
+local codes in conformance/local-codes.md. In short:
+
+- per analysed instance and task, one TID 1501 "Measurement and Qualitative Evaluation Group" that
+  references the source instance (and, for a multi-frame source, the peak frames), names the task as
+  its Finding, holds every number of DESIGN.md "Scores" as a TID 300 Measurement with UCUM units
+  (per-side magnitudes carry the patient's side as the Laterality of their Finding Site), the weaker
+  side, the activation verdict and the QC verdict as qualitative evaluations, and TID 4019 Algorithm
+  Identification on the group and on every measurement;
+- per rest photo with static items, one more group with those items;
+- per instance that is not analysable, one group that says so, with each reason as TEXT.
+
+The SR's Series and SOP Instance UIDs derive from the source instances and the engine version
+(:func:`report_uids`), so a resend of the same study never makes a second SR in the PACS.
+pydicom Datasets stay inside service/report (DESIGN.md, "Layout"): callers hand domain objects in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import highdicom as hd
+import pydicom
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    ComprehensiveSR,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
+    TextContentItem,
+    TrackingIdentifier,
+    ValueTypeValues,
+)
+from highdicom.sr.utils import find_content_items
+from pydicom.sr.codedict import codes as dcm_codes
+
+from service import __version__
+from service.domain import Analysis, Side, StaticItem, Task, TaskResult
+from service.errors import InvalidParameterError
+from service.report import codes
+
+log = logging.getLogger(__name__)
+
+SERIES_DESCRIPTION = "FaceSym facial symmetry report"
+ALGORITHM_NAME = "FaceSym"
+MODEL_NAME = "FaceSym"
+
+_TEXT_LIMIT = 1024  # our TEXT values stay short; UT allows far more (PS3.5 6.2)
+
+
+@dataclass(frozen=True)
+class InstanceFinding:
+    """What the engine said about one received instance.
+
+    Attributes
+    ----------
+    sop_class_uid, sop_instance_uid
+        The source instance (it must be among the ``evidence`` of :func:`build_report`).
+    number_of_frames
+        The source's Number of Frames (PS3.3 C.7.6.6); None for single-frame photographs.
+    analysis
+        The engine's result for that instance: quality verdict, task results, static items.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    number_of_frames: int | None
+    analysis: Analysis
+
+
+# ------------------------------------------------------------------------------------------ UIDs
+def _hash_uid(*parts: str) -> str:
+    """'2.25.' + the decimal of the first 128 bits of SHA-256 over ``parts`` (PS3.5 B.2 form)."""
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
+
+
+def report_uids(source_sop_instance_uids: Iterable[str], engine_version: str) -> tuple[str, str]:
+    """Deterministic Series Instance UID and SOP Instance UID of the SR of a study.
+
+    Parameters
+    ----------
+    source_sop_instance_uids
+        SOP Instance UIDs of the source instances the SR reports on (order and repeats do not matter).
+    engine_version
+        ``service.engine.ENGINE_VERSION``: a new analysis method yields a new SR.
+
+    Returns
+    -------
+    tuple[str, str]
+        (series_instance_uid, sop_instance_uid), each '2.25.' followed by the decimal value of a
+        128-bit hash (SHA-256, truncated) of the sorted unique source UIDs, the engine version and a
+        role tag ('series' or 'sop'), as PS3.5 B.2 allows for UUID-derived UIDs. A resend of the same
+        study analysed by the same engine version gets the same UIDs, so the PACS keeps one SR.
+    """
+    uids = sorted({str(u).strip() for u in source_sop_instance_uids})
+    if not uids or not all(uids):
+        raise InvalidParameterError("source_sop_instance_uids must name at least one non-empty UID")
+    if not engine_version:
+        raise InvalidParameterError("engine_version must not be empty")
+    joined = "\n".join(uids)
+    return (
+        _hash_uid("facesym-sr", joined, engine_version, "series"),
+        _hash_uid("facesym-sr", joined, engine_version, "sop"),
+    )
+
+
+def _tracking(sop_instance_uid: str, role: str, label: str) -> TrackingIdentifier:
+    # TID 4108: the same finding of the same instance keeps its tracking UID across engine versions.
+    return TrackingIdentifier(uid=_hash_uid("facesym-tracking", sop_instance_uid, role), identifier=label)
+
+
+# ---------------------------------------------------------------------------------------- build
+def _number(where: str, value: float) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidParameterError(f"{where} must be a finite number, got {value!r}")
+    return number
+
+
+def _text(name: CodedConcept, value: str) -> TextContentItem:
+    # TID 1501 row 12: coded questions with coded OR text answers (PS3.16 TID 1501).
+    return TextContentItem(
+        name=name, value=str(value)[:_TEXT_LIMIT] or "-", relationship_type=RelationshipTypeValues.CONTAINS
+    )
+
+
+def _side_measurements(
+    name: CodedConcept,
+    left: float,
+    right: float,
+    unit: CodedConcept,
+    algorithm: AlgorithmIdentification,
+    where: str,
+) -> list[Measurement]:
+    """Left and right values of one quantity; the side is the Laterality of a Face finding site."""
+    return [
+        Measurement(
+            name=name,
+            value=_number(f"{where}.{side.value}", value),
+            unit=unit,
+            finding_sites=[FindingSite(codes.FACE, laterality=codes.LATERALITY[side])],
+            algorithm_id=algorithm,
+        )
+        for side, value in ((Side.LEFT, left), (Side.RIGHT, right))
+    ]
+
+
+def _source(
+    finding: InstanceFinding, peak: tuple[int, int] | None, where: str
+) -> SourceImageForMeasurementGroup:
+    frames: list[int] | None = None
+    if peak is not None and finding.number_of_frames is not None:
+        first, last = int(peak[0]), int(peak[1])
+        if first < 0 or last < first:
+            raise InvalidParameterError(f"{where}.peak_frames must be 0 <= first <= last, got {peak!r}")
+        # Referenced Frame Number is 1-based (PS3.3 C.17.3.2.4 / 10.3): decoded frame i is frame i + 1.
+        frames = [n for n in range(first + 1, last + 2) if n <= finding.number_of_frames]
+        if len(frames) != last - first + 1:
+            log.warning(
+                "peak frames %d-%d of SOP instance %s exceed its %d frames; referencing those that exist",
+                first + 1,
+                last + 1,
+                finding.sop_instance_uid,
+                finding.number_of_frames,
+            )
+        frames = frames or None
+    return SourceImageForMeasurementGroup(
+        referenced_sop_class_uid=finding.sop_class_uid,
+        referenced_sop_instance_uid=finding.sop_instance_uid,
+        referenced_frame_numbers=frames,
+    )
+
+
+def _with_texts(
+    group: MeasurementsAndQualitativeEvaluations, texts: Sequence[tuple[CodedConcept, str]]
+) -> MeasurementsAndQualitativeEvaluations:
+    if texts:
+        group[0].ContentSequence.extend(_text(name, value) for name, value in texts)
+    return group
+
+
+def _task_group(
+    finding: InstanceFinding, task: TaskResult, algorithm: AlgorithmIdentification, where: str
+) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for one task of one instance (PS3.16 TID 1501, TID 300, TID 4019)."""
+    if task.method not in codes.METHOD:
+        raise InvalidParameterError(
+            f"{where}.method must be one of {sorted(codes.METHOD)} (add a code), got {task.method!r}"
+        )
+    measurements = _side_measurements(
+        codes.MAGNITUDE, task.left, task.right, codes.magnitude_unit(task.task), algorithm, where
+    )
+    for name, value, unit, key in (
+        (codes.ASYMMETRY_INDEX, task.asymmetry_index, codes.UNIT_ONE, "asymmetry_index"),
+        (codes.ACTIVATION_GATE, task.activation_gate, codes.UNIT_ONE, "activation_gate"),
+        (codes.ASYMMETRY_SCORE, task.asymmetry_score, codes.UNIT_SCORE, "asymmetry_score"),
+        (codes.COSINE_INDEX, task.cosine_index, codes.UNIT_ONE, "cosine_index"),
+        (codes.COSINE_SCORE, task.cosine_score, codes.UNIT_SCORE, "cosine_score"),
+    ):
+        measurements.append(
+            Measurement(name=name, value=_number(f"{where}.{key}", value), unit=unit, algorithm_id=algorithm)
+        )
+    weaker = codes.LATERALITY[task.weaker_side] if task.weaker_side else codes.NO_WEAKER_SIDE
+    evaluations = [
+        QualitativeEvaluation(codes.WEAKER_SIDE, weaker),
+        QualitativeEvaluation(
+            codes.INSUFFICIENT_ACTIVATION, codes.YES if task.insufficient_activation else codes.NO
+        ),
+        QualitativeEvaluation(codes.ANALYSIS_QUALITY, codes.ANALYSABLE),
+    ]
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(
+            finding.sop_instance_uid, task.task.value, f"FaceSym {task.task.value}"
+        ),
+        finding_type=codes.FINDING[task.task],
+        method=codes.METHOD[task.method],
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[_source(finding, task.peak_frames, where)],
+    )
+    texts = [(codes.ANALYSIS_WARNING, w) for w in finding.analysis.quality.warnings]
+    texts += [(codes.ANALYSIS_NOTE, n) for n in task.notes]
+    return _with_texts(group, texts)
+
+
+def _static_group(
+    finding: InstanceFinding, items: Sequence[StaticItem], algorithm: AlgorithmIdentification, where: str
+) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group with the static (rest photo) items, each per side in D."""
+    measurements: list[Measurement] = []
+    for k, item in enumerate(items):
+        if item.name not in codes.STATIC_ITEM:
+            raise InvalidParameterError(
+                f"{where}.static[{k}].name must be one of {sorted(codes.STATIC_ITEM)}, got {item.name!r}"
+            )
+        measurements += _side_measurements(
+            codes.STATIC_ITEM[item.name],
+            item.left,
+            item.right,
+            codes.UNIT_D,
+            algorithm,
+            f"{where}.static[{k}]",
+        )
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(finding.sop_instance_uid, "static", "FaceSym static"),
+        finding_type=codes.FINDING_STATIC,
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=[QualitativeEvaluation(codes.ANALYSIS_QUALITY, codes.ANALYSABLE)],
+        source_images=[_source(finding, None, where)],
+    )
+    return _with_texts(group, [(codes.ANALYSIS_WARNING, w) for w in finding.analysis.quality.warnings])
+
+
+def _quality_group(
+    finding: InstanceFinding, algorithm: AlgorithmIdentification
+) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for an instance without task or static results: the QC verdict and why."""
+    quality = finding.analysis.quality
+    verdict = codes.ANALYSABLE if quality.ok else codes.NOT_ANALYSABLE
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(finding.sop_instance_uid, "quality", "FaceSym quality"),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[QualitativeEvaluation(codes.ANALYSIS_QUALITY, verdict)],
+        source_images=[_source(finding, None, "")],
+    )
+    reasons = list(quality.reasons)
+    if not quality.ok and not reasons:
+        reasons = ["not analysable (no reason given)"]
+    texts = [(codes.REASON_NOT_ANALYSABLE, r) for r in reasons]
+    texts += [(codes.ANALYSIS_WARNING, w) for w in quality.warnings]
+    return _with_texts(group, texts)
+
+
+def _groups(
+    finding: InstanceFinding, algorithm: AlgorithmIdentification, where: str
+) -> list[MeasurementsAndQualitativeEvaluations]:
+    analysis = finding.analysis
+    if not analysis.quality.ok:
+        if analysis.tasks or analysis.static:
+            raise InvalidParameterError(f"{where}: a not-analysable analysis must carry no results")
+        return [_quality_group(finding, algorithm)]
+    groups = [
+        _task_group(finding, task, algorithm, f"{where}.tasks[{k}]") for k, task in enumerate(analysis.tasks)
+    ]
+    if analysis.static:
+        groups.append(_static_group(finding, analysis.static, algorithm, where))
+    return groups or [_quality_group(finding, algorithm)]
+
+
+def _check_inputs(evidence: Sequence[pydicom.Dataset], findings: Sequence[InstanceFinding]) -> None:
+    if not evidence:
+        raise InvalidParameterError("evidence must hold the header of at least one source instance")
+    if not findings:
+        raise InvalidParameterError("findings must hold at least one InstanceFinding")
+    studies = {str(ds.get("StudyInstanceUID", "")) for ds in evidence}
+    if len(studies) != 1 or "" in studies:
+        raise InvalidParameterError(
+            f"evidence must come from one study, got {len(studies)} Study Instance UIDs"
+        )
+    classes = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in evidence}
+    seen: set[str] = set()
+    for k, f in enumerate(findings):
+        if f.sop_instance_uid not in classes:
+            raise InvalidParameterError(
+                f"findings[{k}] names SOP instance {f.sop_instance_uid}, not in evidence"
+            )
+        if classes[f.sop_instance_uid] != f.sop_class_uid:
+            raise InvalidParameterError(
+                f"findings[{k}].sop_class_uid differs from its evidence's SOP Class UID"
+            )
+        if f.sop_instance_uid in seen:
+            raise InvalidParameterError(f"findings[{k}] repeats SOP instance {f.sop_instance_uid}")
+        if f.number_of_frames is not None and f.number_of_frames < 1:
+            raise InvalidParameterError(f"findings[{k}].number_of_frames must be >= 1 or None")
+        seen.add(f.sop_instance_uid)
+
+
+_PATIENT_STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def _complete_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A shallow copy of the first evidence header with every Type 2 Patient/Study attribute present.
+
+    highdicom copies these from ``evidence[0]`` and needs them to exist; an image from a PACS may
+    omit one (PS3.3 C.7.1.1, C.7.2.1: Type 2 means present, possibly empty).
+    """
+    missing = [k for k in _PATIENT_STUDY_TYPE2 if k not in ds]
+    if not missing:
+        return ds
+    out = pydicom.Dataset()
+    out.update(ds)
+    for keyword in missing:
+        setattr(out, keyword, None)
+    return out
+
+
+def build_report(
+    evidence: Sequence[pydicom.Dataset],
+    findings: Sequence[InstanceFinding],
+    *,
+    engine_version: str,
+    series_number: int = 9001,
+    instance_number: int = 1,
+    manufacturer: str = "FaceSym",
+    institution_name: str | None = None,
+) -> pydicom.Dataset:
+    """Build the Comprehensive SR (PS3.3 A.35.3) with a TID 1500 Measurement Report of one study.
+
+    Parameters
+    ----------
+    evidence
+        Headers of the source instances (read with ``stop_before_pixels=True``), all of one study; the
+        SR copies Patient and General Study attributes from the first one (PS3.3 C.7.1.1, C.7.2.1) and
+        lists all of them in the Current Requested Procedure Evidence Sequence (PS3.3 C.17.2.3).
+    findings
+        One :class:`InstanceFinding` per analysed instance, each naming an instance of ``evidence``.
+    engine_version
+        ``service.engine.ENGINE_VERSION``: TID 4019 Algorithm Version, the IHE AIR Contributing
+        Equipment's Software Versions, and an input of :func:`report_uids`.
+    series_number, instance_number
+        Series Number and Instance Number of the SR (PS3.3 C.7.3.1, C.7.6.1).
+    manufacturer, institution_name
+        General Equipment Manufacturer and Institution Name of the SR (PS3.3 C.7.5.1).
+
+    Returns
+    -------
+    pydicom.Dataset
+        A highdicom ``ComprehensiveSR`` (Explicit VR Little Endian, File Meta set) ready for
+        ``save_as(path, enforce_file_format=True)``. Measurement groups follow PS3.16 TID 1501 and
+        carry TID 300 measurements and TID 4019 algorithm identification; local codes are declared in
+        the Coding Scheme Identification Sequence (PS3.3 C.12.1); the Contributing Equipment Sequence
+        (PS3.3 C.12.1.1.5) names FaceSym as Processing Equipment (DCM 109102), as IHE AI Results asks.
+
+    Raises
+    ------
+    InvalidParameterError
+        Empty ``evidence`` or ``findings``, evidence from several studies, a finding whose instance is
+        not in ``evidence``, or a value that cannot be encoded (non-finite number, unknown method).
+    """
+    _check_inputs(evidence, findings)
+    algorithm = AlgorithmIdentification(name=ALGORITHM_NAME, version=engine_version)
+    groups: list[MeasurementsAndQualitativeEvaluations] = []
+    for k, finding in enumerate(findings):
+        groups += _groups(finding, algorithm, f"findings[{k}]")
+
+    device = DeviceObserverIdentifyingAttributes(
+        uid=_hash_uid("facesym-device-observer", MODEL_NAME),
+        name=ALGORITHM_NAME,
+        manufacturer_name=manufacturer,
+        model_name=MODEL_NAME,
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(
+            observer_device_context=ObserverContext(
+                observer_type=dcm_codes.DCM.Device, observer_identifying_attributes=device
+            )
+        ),
+        procedure_reported=codes.PROCEDURE,
+        imaging_measurements=groups,
+    )
+    series_uid, sop_uid = report_uids((str(ds.SOPInstanceUID) for ds in evidence), engine_version)
+    # IHE RAD TF AI Results: the SR names the AI model as Contributing Equipment (PS3.3 C.12.1.1.5).
+    facesym_equipment = hd.ContributingEquipment(
+        manufacturer="FaceSym",
+        purpose_of_reference=dcm_codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=engine_version,
+        contribution_description="Facial palsy motion analysis",
+    )
+    scheme = CodingSchemeIdentificationItem(
+        designator=codes.SCHEME,
+        name=codes.SCHEME_NAME,
+        responsible_organization=codes.SCHEME_ORGANIZATION,
+    )
+    evidence = [_complete_type2(evidence[0]), *evidence[1:]]
+    sr = ComprehensiveSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        institution_name=institution_name,
+        is_complete=True,
+        performed_procedure_codes=[codes.PROCEDURE],
+        contributing_equipment=[facesym_equipment],
+        coding_schemes=[scheme],
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=MODEL_NAME,
+        # UTF-8 whatever the source used: engine reasons hold "±", "°", "–" (PS3.3 C.12.1.1.2).
+        specific_character_set="ISO_IR 192",
+        software_versions=__version__,
+    )
+    log.info(
+        "built SR %s (series %s): %d measurement group(s) for %d instance(s), engine %s",
+        sop_uid,
+        series_uid,
+        len(groups),
+        len(findings),
+        engine_version,
+    )
+    return sr
+
+
+# ----------------------------------------------------------------------------------------- read
+def _lookup(table: dict[Any, CodedConcept], concept: CodedConcept | None) -> Any:
+    for key, code in table.items():
+        if concept is not None and concept == code:
+            return key
+    return None
+
+
+def _texts(group: MeasurementsAndQualitativeEvaluations, name: CodedConcept) -> list[str]:
+    items = find_content_items(group[0], name=name, value_type=ValueTypeValues.TEXT)
+    return [str(item.TextValue) for item in items]
+
+
+def _per_side(group: MeasurementsAndQualitativeEvaluations, name: CodedConcept) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for m in group.get_measurements(name=name):
+        sites: list[FindingSite] = m.finding_sites
+        side = _lookup(codes.LATERALITY, sites[0].laterality if sites else None)
+        if side is not None:
+            out[side.value] = float(m.value)
+    return out
+
+
+def _one(group: MeasurementsAndQualitativeEvaluations, name: CodedConcept) -> float | None:
+    found = group.get_measurements(name=name)
+    return float(found[0].value) if found else None
+
+
+def _evaluation(group: MeasurementsAndQualitativeEvaluations, name: CodedConcept) -> CodedConcept | None:
+    found = group.get_qualitative_evaluations(name=name)
+    # highdicom annotates QualitativeEvaluation.value as a number; it is the CODE item's CodedConcept.
+    return cast(CodedConcept, found[0].value) if found else None
+
+
+def _read_task(group: MeasurementsAndQualitativeEvaluations, task: Task, frames: list[int]) -> dict[str, Any]:
+    sides = _per_side(group, codes.MAGNITUDE)
+    weaker = _evaluation(group, codes.WEAKER_SIDE)
+    side = _lookup(codes.LATERALITY, weaker)
+    return {
+        "task": task.value,
+        "left": sides.get("left"),
+        "right": sides.get("right"),
+        "asymmetry_index": _one(group, codes.ASYMMETRY_INDEX),
+        "activation_gate": _one(group, codes.ACTIVATION_GATE),
+        "asymmetry_score": _one(group, codes.ASYMMETRY_SCORE),
+        "cosine_index": _one(group, codes.COSINE_INDEX),
+        "cosine_score": _one(group, codes.COSINE_SCORE),
+        "weaker_side": side.value if side is not None else None,
+        "insufficient_activation": _evaluation(group, codes.INSUFFICIENT_ACTIVATION) == codes.YES,
+        "peak_frames": [min(frames) - 1, max(frames) - 1] if frames else None,
+        "method": _lookup(codes.METHOD, group.method),
+        "notes": _texts(group, codes.ANALYSIS_NOTE),
+    }
+
+
+def read_report(ds: pydicom.Dataset) -> list[dict[str, Any]]:
+    """Read back what :func:`build_report` wrote (the reader for round-trip tests and ``facesym demo``).
+
+    Parameters
+    ----------
+    ds
+        A FaceSym Comprehensive SR (PS3.3 A.35.3) with a TID 1500 Measurement Report (PS3.16).
+
+    Returns
+    -------
+    list[dict]
+        One dict per source instance, in the order of its first measurement group (TID 1501)::
+
+            {"sop_instance_uid": str, "quality_ok": bool, "reasons": [str], "warnings": [str],
+             "tasks": [{"task", "left", "right", "asymmetry_index", "activation_gate",
+                        "asymmetry_score", "cosine_index", "cosine_score",
+                        "weaker_side": "left" | "right" | None, "insufficient_activation": bool,
+                        "peak_frames": [first, last] (0-based, inclusive) | None,
+                        "method": str | None, "notes": [str]}],
+             "static": [{"name", "left", "right"}]}
+
+        Numbers come from the Floating Point Value when present (exact), else the Numeric Value.
+    """
+    sr = ComprehensiveSR.from_dataset(ds)
+    content = sr.content
+    if not isinstance(content, MeasurementReport):
+        raise InvalidParameterError("ds is not a TID 1500 Measurement Report")
+    instances: dict[str, dict[str, Any]] = {}
+    for group in content.get_image_measurement_groups():
+        sources = group.source_images
+        if not sources:
+            continue
+        ref = sources[0].ReferencedSOPSequence[0]
+        uid = str(ref.ReferencedSOPInstanceUID)
+        raw_frames = ref.get("ReferencedFrameNumber")
+        if raw_frames is None:
+            frames: list[int] = []
+        elif isinstance(raw_frames, Sequence) and not isinstance(raw_frames, str):
+            frames = [int(n) for n in raw_frames]
+        else:
+            frames = [int(raw_frames)]
+        entry = instances.setdefault(
+            uid,
+            {
+                "sop_instance_uid": uid,
+                "quality_ok": True,
+                "reasons": [],
+                "warnings": [],
+                "tasks": [],
+                "static": [],
+            },
+        )
+        if _evaluation(group, codes.ANALYSIS_QUALITY) == codes.NOT_ANALYSABLE:
+            entry["quality_ok"] = False
+        for reason in _texts(group, codes.REASON_NOT_ANALYSABLE):
+            if reason not in entry["reasons"]:
+                entry["reasons"].append(reason)
+        for warning in _texts(group, codes.ANALYSIS_WARNING):
+            if warning not in entry["warnings"]:
+                entry["warnings"].append(warning)
+        finding = group.finding_type
+        task = _lookup(codes.FINDING, finding)
+        if task is not None:
+            entry["tasks"].append(_read_task(group, task, frames))
+        elif finding is not None and finding == codes.FINDING_STATIC:
+            for name, code in codes.STATIC_ITEM.items():
+                sides = _per_side(group, code)
+                if sides:
+                    entry["static"].append(
+                        {"name": name, "left": sides.get("left"), "right": sides.get("right")}
+                    )
+    return list(instances.values())

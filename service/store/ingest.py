@@ -1,0 +1,494 @@
+"""Take one received DICOM file into the store: file on disk, rows in the database, the study's job touched.
+
+:func:`ingest` is what the storage SCP calls before it acknowledges a C-STORE, so when it returns
+"stored" or "new_version" the file is renamed into place and fsynced and the rows are committed.
+Identity and outcomes:
+
+- a new SOP Instance UID is stored as version 1 ("stored");
+- the same SOP Instance UID with the same data set bytes as a version already kept is a "duplicate":
+  nothing is written, the study's job is not touched;
+- the same SOP Instance UID with other bytes is kept as the next version ("new_version") when the
+  duplicate policy is "version", else "rejected".
+
+"Same bytes" compares the SHA-256 of the encoded data set, i.e. the file minus its PS3.10 preamble and
+File Meta Information: the meta group is written by whoever wrote the file (a sender's toolkit, our SCP),
+so hashing it would make one object look different depending on how it travelled.
+:func:`dataset_sha256` recomputes it from a stored file.
+
+Only UIDs reach the logs, never patient names, IDs or birth dates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.errors import InvalidParameterError
+from service.store.db import Instance, Job, JobState, Patient, Series, Study
+from service.store.files import FileStore, UnsafeUidError, check_uid, fsync_file, instance_relpath
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["stored", "duplicate", "new_version", "rejected"]
+#: Why an object was rejected; the SCP maps each to a DIMSE status (service.dicom.status).
+Rejection = Literal["", "unreadable", "missing_uid", "bad_uid", "mismatch", "inconsistent", "conflict"]
+
+DUPLICATE_POLICIES = ("version", "reject")
+REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+# Job states that a new object sends back to RECEIVED (the quiet period starts again). RUNNING is left
+# alone: the worker sees Study.last_received_at move and starts over itself.
+_RESTART = (JobState.QUEUED, JobState.REPORTED, JobState.DELIVERED, JobState.FAILED)
+_CHUNK = 1 << 20
+# One writer per SOP Instance UID in this process (striped): two associations sending the same
+# object must not both place a file at the same path.
+_LOCKS = tuple(threading.Lock() for _ in range(64))
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What :func:`ingest` did with one object.
+
+    Attributes
+    ----------
+    outcome
+        "stored" (new SOP instance), "duplicate" (same bytes as a kept version; nothing written),
+        "new_version" (same SOP Instance UID, other bytes, kept as ``version``) or "rejected".
+    sop_instance_uid, study_uid
+        As read from the object ("" when unreadable or missing).
+    version
+        The version stored, or the version a duplicate matched; 0 when rejected.
+    reason
+        Why it was rejected (no PHI), else "".
+    rejection
+        The kind of rejection (see :data:`Rejection`), else "".
+    path
+        The store-relative path of the stored (or matched) version, else "".
+    """
+
+    outcome: Outcome
+    sop_instance_uid: str
+    study_uid: str
+    version: int
+    reason: str = ""
+    rejection: Rejection = ""
+    path: str = ""
+
+
+class _Rejected(Exception):
+    def __init__(self, rejection: Rejection, reason: str):
+        super().__init__(reason)
+        self.rejection: Rejection = rejection
+        self.reason = reason
+
+
+def dataset_offset(fh: BinaryIO) -> int:
+    """Byte offset where the data set starts: after the preamble and File Meta group, 0 for a bare data set.
+
+    The File Meta Information (PS3.10 7.1) is always explicit VR little endian; its elements are walked
+    rather than trusting (0002,0000) Group Length, which some writers get wrong.
+    """
+    fh.seek(0)
+    head = fh.read(132)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return 0
+    pos = 132
+    while True:
+        fh.seek(pos)
+        raw = fh.read(8)
+        if len(raw) < 8 or struct.unpack("<H", raw[:2])[0] != 0x0002:
+            return pos
+        vr = raw[4:6]
+        if vr in (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"):
+            ext = fh.read(4)
+            if len(ext) < 4:
+                return pos
+            pos += 12 + struct.unpack("<I", ext)[0]
+        else:
+            pos += 8 + struct.unpack("<H", raw[6:8])[0]
+
+
+def dataset_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a DICOM file's data set bytes (everything after the File Meta Information)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(dataset_offset(fh))
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _text(ds: Dataset, keyword: str, max_len: int) -> str:
+    """An attribute as text for a column of ``max_len`` characters ("" when absent or undecodable)."""
+    try:
+        value = ds.get(keyword)
+        if value is None:
+            return ""
+        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+            value = "\\".join(str(v) for v in value)
+        return str(value).strip()[:max_len]
+    except Exception:  # a malformed value must not stop storage; the file keeps the original
+        return ""
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except Exception:
+        return None
+
+
+@dataclass(frozen=True)
+class _Header:
+    sop_class: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    ds: Dataset
+    transfer_syntax: str
+
+
+def _read_header(path: Path) -> _Header:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception as exc:
+        raise _Rejected("unreadable", f"not a readable DICOM object ({type(exc).__name__})") from None
+    uids: dict[str, str] = {}
+    missing = []
+    for keyword in REQUIRED_UIDS:
+        value = _text(ds, keyword, 200).strip("\x00 ")
+        if not value:
+            missing.append(keyword)
+        uids[keyword] = value
+    if missing:
+        raise _Rejected("missing_uid", f"missing {', '.join(missing)}")
+    try:
+        for keyword, value in uids.items():
+            check_uid(value, keyword)
+    except UnsafeUidError as exc:
+        raise _Rejected("bad_uid", str(exc)) from None
+    meta = getattr(ds, "file_meta", None)
+    ts = _text(meta, "TransferSyntaxUID", 64) if meta is not None else ""
+    if not ts:
+        implicit, _little = getattr(ds, "original_encoding", (True, True))
+        ts = "1.2.840.10008.1.2" if implicit is not False else "1.2.840.10008.1.2.1"
+    return _Header(
+        uids["SOPClassUID"],
+        uids["SOPInstanceUID"],
+        uids["StudyInstanceUID"],
+        uids["SeriesInstanceUID"],
+        ds,
+        ts,
+    )
+
+
+def ingest(
+    sessions: sessionmaker,
+    files: FileStore,
+    tmp_path: Path,
+    calling_ae: str,
+    duplicate_policy: str,
+    engine_version: str,
+    *,
+    expected_sop_class: str | None = None,
+    expected_sop_instance: str | None = None,
+) -> IngestResult:
+    """Store one received DICOM file durably and record it; see the module docstring for the outcomes.
+
+    Parameters
+    ----------
+    sessions
+        The database session factory (``open_database``).
+    files
+        The file store.
+    tmp_path
+        The received file (PS3.10, or a bare data set). A file under ``files.incoming_dir()`` is
+        consumed: moved into place, or deleted. A file elsewhere is linked/copied into the incoming
+        folder first and left where it was.
+    calling_ae
+        The sender's AE title (kept on the instance row).
+    duplicate_policy
+        "version" (keep other bytes under the same SOP Instance UID as a new version) or "reject".
+    engine_version
+        The analysis version whose job for the study is created or sent back to RECEIVED.
+    expected_sop_class, expected_sop_instance
+        The Affected SOP Class / Instance UID of the C-STORE request; a data set that says otherwise
+        is rejected ("mismatch", PS3.4 B.2.3 "Data Set does not match SOP Class").
+
+    Returns
+    -------
+    IngestResult
+        Data problems are returned as outcome "rejected" (nothing kept). Infrastructure problems
+        (disk, database) raise: OSError, sqlalchemy.exc.SQLAlchemyError. A commit that fails takes
+        the placed file away again, so no file is left that the database does not know.
+    """
+    if duplicate_policy not in DUPLICATE_POLICIES:
+        raise InvalidParameterError(
+            f"duplicate_policy must be one of {DUPLICATE_POLICIES}, got {duplicate_policy!r}"
+        )
+    tmp = Path(tmp_path).resolve()
+    if tmp.parent != files.incoming_dir():
+        tmp = files.adopt(tmp)
+    try:
+        return _ingest(
+            sessions,
+            files,
+            tmp,
+            calling_ae,
+            duplicate_policy,
+            engine_version,
+            expected_sop_class,
+            expected_sop_instance,
+        )
+    finally:
+        tmp.unlink(missing_ok=True)  # placed files are gone from here already
+
+
+def _ingest(
+    sessions: sessionmaker,
+    files: FileStore,
+    tmp: Path,
+    calling_ae: str,
+    policy: str,
+    engine_version: str,
+    expected_sop_class: str | None,
+    expected_sop_instance: str | None,
+) -> IngestResult:
+    try:
+        head = _read_header(tmp)
+        if expected_sop_class and head.sop_class != expected_sop_class:
+            raise _Rejected(
+                "mismatch", f"data set SOP Class {head.sop_class} is not the request's {expected_sop_class}"
+            )
+        if expected_sop_instance and head.sop_uid != expected_sop_instance:
+            raise _Rejected(
+                "mismatch",
+                f"data set SOP Instance {head.sop_uid} is not the request's {expected_sop_instance}",
+            )
+    except _Rejected as rej:
+        log.warning("rejected an object from %s: %s", calling_ae, rej.reason)
+        return IngestResult("rejected", "", "", 0, rej.reason, rej.rejection)
+    digest = dataset_sha256(tmp)
+    size = tmp.stat().st_size
+    fsync_file(tmp)  # outside the lock: the rename under it is then cheap
+    lock = _LOCKS[zlib.crc32(head.sop_uid.encode()) % len(_LOCKS)]
+    with lock:
+        for attempt in (1, 2):
+            try:
+                result = _transaction(
+                    sessions, files, tmp, head, digest, size, calling_ae, policy, engine_version
+                )
+            except _Rejected as rej:
+                log.warning(
+                    "rejected SOP Instance %s (study %s) from %s: %s",
+                    head.sop_uid,
+                    head.study_uid,
+                    calling_ae,
+                    rej.reason,
+                )
+                return IngestResult("rejected", head.sop_uid, head.study_uid, 0, rej.reason, rej.rejection)
+            except (IntegrityError, OperationalError) as exc:
+                # A racing association inserted the same patient/study/series/job (or SQLite was busy).
+                if attempt == 2:
+                    raise
+                log.info("retrying SOP Instance %s after %s", head.sop_uid, type(exc).__name__)
+                continue
+            if result.outcome == "duplicate":
+                log.info(
+                    "duplicate SOP Instance %s (version %d, study %s) from %s: identical, not stored again",
+                    head.sop_uid,
+                    result.version,
+                    head.study_uid,
+                    calling_ae,
+                )
+            else:
+                log.info(
+                    "stored SOP Instance %s version %d (study %s, series %s) from %s",
+                    head.sop_uid,
+                    result.version,
+                    head.study_uid,
+                    head.series_uid,
+                    calling_ae,
+                )
+            return result
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _transaction(
+    sessions: sessionmaker,
+    files: FileStore,
+    tmp: Path,
+    head: _Header,
+    digest: str,
+    size: int,
+    calling_ae: str,
+    policy: str,
+    engine_version: str,
+) -> IngestResult:
+    now = datetime.now(UTC)
+    ds = head.ds
+    with sessions() as session:
+        _begin_write(session)
+        kept = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == head.sop_uid).order_by(Instance.version)
+        ).all()
+        for inst in kept:
+            if inst.sha256 == digest:
+                session.rollback()
+                return IngestResult("duplicate", head.sop_uid, head.study_uid, inst.version, path=inst.path)
+        if kept and policy == "reject":
+            session.rollback()
+            raise _Rejected("conflict", f"SOP Instance {head.sop_uid} already stored with other content")
+        version = kept[-1].version + 1 if kept else 1
+        rel = instance_relpath(head.study_uid, head.series_uid, head.sop_uid, version)
+
+        patient = _upsert_patient(session, ds)
+        study = _upsert_study(session, ds, head.study_uid, patient, now)
+        series = _upsert_series(session, ds, head.series_uid, study)
+        session.add(
+            Instance(
+                sop_instance_uid=head.sop_uid,
+                version=version,
+                series=series,
+                sop_class_uid=head.sop_class,
+                transfer_syntax_uid=head.transfer_syntax,
+                instance_number=_int(ds, "InstanceNumber"),
+                number_of_frames=_int(ds, "NumberOfFrames"),
+                image_comments=_text(ds, "ImageComments", 10240),
+                path=rel,
+                sha256=digest,
+                size=size,
+                calling_ae=(calling_ae or "").strip()[:16],
+                received_at=now,
+            )
+        )
+        _touch_job(session, study, engine_version, now)
+        session.flush()  # constraint violations surface here, before any file moves
+
+        target = files.place(tmp, rel)
+        try:
+            session.commit()
+        except BaseException:
+            _unplace(target, tmp)
+            raise
+    outcome: Outcome = "new_version" if version > 1 else "stored"
+    return IngestResult(outcome, head.sop_uid, head.study_uid, version, path=rel)
+
+
+def _begin_write(session: Session) -> None:
+    """Start a write transaction now: SQLite takes its one writer lock before we read, so the
+    version we compute cannot be taken by another association before we commit."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(text("BEGIN IMMEDIATE"))
+
+
+def _unplace(target: Path, tmp: Path) -> None:
+    """Undo :meth:`FileStore.place` after a failed commit: the file goes back to the incoming folder
+    (ingest's caller deletes it), so the store holds no file the database does not reference."""
+    try:
+        os.replace(target, tmp)
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        log.exception("could not take back %s after a failed commit", target.name)
+
+
+def _upsert_patient(session: Session, ds: Dataset) -> Patient:
+    key: dict[str, Any] = {
+        "patient_id": _text(ds, "PatientID", 64),
+        "issuer": _text(ds, "IssuerOfPatientID", 64),
+        "name": _text(ds, "PatientName", 324),
+    }
+    patient = session.scalar(select(Patient).filter_by(**key))
+    if patient is None:
+        patient = Patient(**key, birth_date=_text(ds, "PatientBirthDate", 8), sex=_text(ds, "PatientSex", 16))
+        session.add(patient)
+        session.flush()
+    else:
+        patient.birth_date = patient.birth_date or _text(ds, "PatientBirthDate", 8)
+        patient.sex = patient.sex or _text(ds, "PatientSex", 16)
+    return patient
+
+
+def _upsert_study(session: Session, ds: Dataset, study_uid: str, patient: Patient, now: datetime) -> Study:
+    fields = {
+        "accession_number": _text(ds, "AccessionNumber", 16),
+        "study_id": _text(ds, "StudyID", 16),
+        "study_date": _text(ds, "StudyDate", 8),
+        "study_time": _text(ds, "StudyTime", 32),
+        "study_description": _text(ds, "StudyDescription", 64),
+        "referring_physician": _text(ds, "ReferringPhysicianName", 324),
+    }
+    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    if study is None:
+        study = Study(study_uid=study_uid, patient=patient, last_received_at=now, **fields)
+        session.add(study)
+        session.flush()
+        return study
+    if study.patient_pk != patient.id:
+        # Corrected demographics are resent under the same Study Instance UID: the latest wins.
+        log.info("study %s: patient identification changed; linking the latest", study_uid)
+        study.patient = patient
+    for name, value in fields.items():
+        if value and not getattr(study, name):
+            setattr(study, name, value)
+    study.last_received_at = now
+    return study
+
+
+def _upsert_series(session: Session, ds: Dataset, series_uid: str, study: Study) -> Series:
+    series = session.scalar(select(Series).where(Series.series_uid == series_uid))
+    if series is None:
+        series = Series(
+            series_uid=series_uid,
+            study=study,
+            modality=_text(ds, "Modality", 16),
+            series_number=_int(ds, "SeriesNumber"),
+            series_description=_text(ds, "SeriesDescription", 64),
+            protocol_name=_text(ds, "ProtocolName", 64),
+            performed_procedure_step_description=_text(ds, "PerformedProcedureStepDescription", 64),
+        )
+        session.add(series)
+        session.flush()
+        return series
+    if series.study_pk != study.id:
+        session.rollback()
+        raise _Rejected(
+            "inconsistent", f"series {series_uid} already belongs to another study than {study.study_uid}"
+        )
+    return series
+
+
+def _touch_job(session: Session, study: Study, engine_version: str, now: datetime) -> None:
+    job = session.scalar(select(Job).where(Job.study_pk == study.id, Job.engine_version == engine_version))
+    if job is None:
+        session.add(Job(study=study, engine_version=engine_version, state=JobState.RECEIVED, next_run_at=now))
+        return
+    if job.state == JobState.QUEUED:
+        job.state = JobState.RECEIVED  # the quiet period starts again
+    elif job.state in _RESTART:
+        log.info(
+            "job %d (study %s) back to RECEIVED from %s: new data", job.id, study.study_uid, job.state.value
+        )
+        job.state = JobState.RECEIVED
+        job.attempts = 0
+        job.reason = ""
+        job.claimed_by = ""
+        job.next_run_at = now

@@ -1,0 +1,220 @@
+"""The DICOM loop end to end: a study arrives by C-STORE → stored → analysed once quiet → SR delivered.
+
+Destinations are a pynetdicom receiver on 127.0.0.1 (service.demo.Receiver) or DCMTK's storescp (which
+listens on every address, so only inside a private network namespace, as .ci/run runs the tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import free_port, require_peer, require_private_netns
+
+from service.config import Destination, Settings
+from service.demo import Receiver, send
+from service.domain import Task
+from service.report.sr import read_report
+
+pytestmark = [pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def exam(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """One phantom DICOM video (smile, left weak) in its own study."""
+    from service import phantom
+    from service.media.dicom_io import build_video_photographic, write_dicom
+    from service.media.encode import encode_mp4
+
+    face = phantom.load_face(ROOT / "service/phantom/data/demo_face.jpg")
+    clip = phantom.render(face, phantom.PhantomSpec(motions=(phantom.TaskMotion(Task.SMILE, 0.05, 0.25),)))
+    ds = build_video_photographic(encode_mp4(clip.frames(), clip.fps), width=clip.width, height=clip.height,
+                                  n_frames=clip.n_frames, fps=clip.fps, series_description="Smile")
+    path = tmp_path_factory.mktemp("exam") / "smile.dcm"
+    write_dicom(ds, path)
+    return str(ds.StudyInstanceUID), path
+
+
+def _settings(tmp: Path, dest: Destination) -> Settings:
+    return replace(Settings(), data_dir=tmp / "var", dicom_port=free_port(), quiet_seconds=1.0, poll_seconds=0.2,
+                   destinations=(dest,), retry_base_seconds=0.5, retry_max_seconds=2.0)
+
+
+def _wait(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_study_in_sr_out_same_numbers_as_cli(exam: tuple[str, Path], tmp_path: Path) -> None:
+    from service.cli import analyze_path
+    from service.jobs.scheduler import FaceSymService
+
+    study_uid, path = exam
+    receiver = Receiver(0)
+    service = FaceSymService(_settings(tmp_path, Destination("FACESYM_DEMO", "127.0.0.1", receiver.port)))
+    service.start()
+    try:
+        send([path], "127.0.0.1", service.settings.dicom_port, "FACESYM")
+        sr = receiver.wait_for(study_uid, 180)
+        assert sr is not None, "no SR arrived"
+        (group,) = read_report(sr)
+        assert group["quality_ok"]
+        cli = analyze_path(str(path), None, Task.SMILE, False, False)["tasks"][0]
+        (task,) = group["tasks"]
+        assert task["task"] == "smile" and task["weaker_side"] == "left"
+        for key in ("asymmetry_index", "asymmetry_score", "cosine_score", "activation_gate"):
+            assert task[key] == pytest.approx(cli[key], abs=0.01), key
+        # The same study again: identical bytes are a duplicate, no new job, no second SR.
+        send([path], "127.0.0.1", service.settings.dicom_port, "FACESYM")
+        time.sleep(3)
+        assert len({ds.SOPInstanceUID for ds in receiver.received}) == 1
+    finally:
+        service.stop()
+        receiver.stop()
+
+
+def test_corrupt_video_gets_a_not_analysable_sr(tmp_path: Path) -> None:
+    from service.jobs.scheduler import FaceSymService
+    from service.media.dicom_io import build_video_photographic, write_dicom
+
+    ds = build_video_photographic(b"\x00\x00\x00\x18ftypisom" + os.urandom(4000), width=640, height=480,
+                                  n_frames=30, fps=30.0, series_description="Smile")
+    path = tmp_path / "corrupt.dcm"
+    write_dicom(ds, path)
+    receiver = Receiver(0)
+    service = FaceSymService(_settings(tmp_path, Destination("FACESYM_DEMO", "127.0.0.1", receiver.port)))
+    service.start()
+    try:
+        send([path], "127.0.0.1", service.settings.dicom_port, "FACESYM")
+        sr = receiver.wait_for(str(ds.StudyInstanceUID), 60)
+        assert sr is not None
+        (group,) = read_report(sr)
+        assert not group["quality_ok"]
+        assert any("unreadable" in r for r in group["reasons"]), group["reasons"]
+    finally:
+        service.stop()
+        receiver.stop()
+
+
+def test_destination_down_delays_but_never_loses(exam: tuple[str, Path], tmp_path: Path) -> None:
+    from service.jobs.scheduler import FaceSymService
+
+    study_uid, path = exam
+    port = free_port()
+    service = FaceSymService(_settings(tmp_path, Destination("FACESYM_DEMO", "127.0.0.1", port)))
+    service.start()
+    try:
+        send([path], "127.0.0.1", service.settings.dicom_port, "FACESYM")
+        db = service.settings.data_dir / "facesym.db"
+
+        def failed_attempts() -> int:
+            with sqlite3.connect(db) as con:
+                row = con.execute("select max(attempts) from delivery where state='PENDING'").fetchone()
+            return int(row[0] or 0)
+
+        _wait(lambda: failed_attempts() >= 2, 180, "two failed delivery attempts")
+        receiver = Receiver(port)  # the destination comes back
+        try:
+            assert receiver.wait_for(study_uid, 60) is not None
+        finally:
+            receiver.stop()
+    finally:
+        service.stop()
+
+
+def _serve(tmp: Path, port: int, dest: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, FACESYM_DATA_DIR=str(tmp / "var"), FACESYM_DICOM_PORT=str(port),
+               FACESYM_DESTINATIONS=dest, FACESYM_QUIET_SECONDS="1", FACESYM_POLL_SECONDS="0.2")
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "ab"))
+
+
+def _job_state(tmp: Path) -> str | None:
+    db = tmp / "var" / "facesym.db"
+    if not db.exists():
+        return None
+    try:
+        with sqlite3.connect(db) as con:
+            row = con.execute("select state from job").fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
+@pytest.mark.parametrize("kill_in", ["QUEUED", "RUNNING"])
+def test_sigkill_then_restart_delivers_exactly_one_sr(exam: tuple[str, Path], tmp_path: Path, kill_in: str) -> None:
+    study_uid, path = exam
+    receiver = Receiver(0)
+    port = free_port()
+    dest = f"FACESYM_DEMO@127.0.0.1:{receiver.port}"
+    proc = _serve(tmp_path, port, dest)
+    try:
+        from service.demo import facesym_answers
+
+        _wait(lambda: facesym_answers("127.0.0.1", port, "FACESYM"), 60, "facesym serve to answer C-ECHO")
+        send([path], "127.0.0.1", port, "FACESYM")
+        _wait(lambda: _job_state(tmp_path) in (kill_in, "RUNNING", "REPORTED", "DELIVERED"), 60, f"job {kill_in}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        state_at_kill = _job_state(tmp_path)
+        proc = _serve(tmp_path, port, dest)
+        assert receiver.wait_for(study_uid, 180) is not None, (tmp_path / "serve.log").read_text()[-2000:]
+        _wait(lambda: _job_state(tmp_path) == "DELIVERED", 30, "job DELIVERED")
+        time.sleep(2)
+        assert len({ds.SOPInstanceUID for ds in receiver.received}) == 1, state_at_kill
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        receiver.stop()
+
+
+@pytest.mark.peers
+def test_dcmtk_storescu_to_facesym_to_storescp(exam: tuple[str, Path], tmp_path: Path) -> None:
+    storescu, storescp = require_peer("storescu"), require_peer("storescp")
+    dciodvfy, dsr2xml = require_peer("dciodvfy"), require_peer("dsr2xml")
+    require_private_netns("DCMTK storescp")
+    from service.jobs.scheduler import FaceSymService
+
+    study_uid, path = exam
+    recv_dir = tmp_path / "received"
+    recv_dir.mkdir()
+    scp_port = free_port()
+    env = dict(os.environ, TCP_NODELAY="1")
+    scp = subprocess.Popen([storescp, "-aet", "DCMTKDEST", "-od", str(recv_dir), "+xa", str(scp_port)],
+                           env=env)
+    service = FaceSymService(_settings(tmp_path, Destination("DCMTKDEST", "127.0.0.1", scp_port)))
+    service.start()
+    try:
+        command = [storescu, "-R", "-xn", "-aec", "FACESYM", "127.0.0.1", str(service.settings.dicom_port), str(path)]
+        run = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        # storescp writes as it receives: the file is whole once FaceSym got the C-STORE response.
+        _wait(lambda: _job_state(tmp_path) == "DELIVERED", 180, "the SR delivered to storescp")
+        (sr_file,) = [p for p in recv_dir.iterdir() if p.is_file()]
+        check = subprocess.run([dciodvfy, str(sr_file)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        xml = subprocess.run([dsr2xml, str(sr_file)], capture_output=True, text=True)
+        assert xml.returncode == 0 and "<report" in xml.stdout, xml.stderr
+        import pydicom
+
+        (group,) = read_report(pydicom.dcmread(sr_file))
+        assert group["tasks"][0]["weaker_side"] == "left"
+        json.dumps(group)
+    finally:
+        service.stop()
+        scp.terminate()
+        scp.wait(10)

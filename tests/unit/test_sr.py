@@ -1,0 +1,343 @@
+"""report/sr.py: build the TID 1500 SR from domain objects → write → read back → compare."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from service.domain import Analysis, Quality, Side, StaticItem, Task, TaskResult
+from service.errors import InvalidParameterError
+from service.media.dicom_io import build_video_photographic, build_vl_photograph
+from service.report import codes
+from service.report.sr import InstanceFinding, build_report, read_report, report_uids
+
+PATIENT = "DOE^JANE"
+N_FRAMES = 90
+ENGINE = "0.1.0"
+
+SMILE = TaskResult(
+    task=Task.SMILE,
+    frames=(0, 89),
+    rest_frames=(0, 12),
+    peak_frames=(40, 52),
+    left=0.2512345678,
+    right=0.0612345678,
+    asymmetry_index=0.7562626,
+    activation_gate=1.0,
+    asymmetry_score=24.37374,
+    cosine_index=0.312345,
+    cosine_score=31.2345,
+    weaker_side=Side.RIGHT,
+    method="pixels",
+    notes=("peak clipped at clip end",),
+)
+BROW = TaskResult(
+    task=Task.BROW_RAISE,
+    frames=(0, 89),
+    rest_frames=(0, 12),
+    peak_frames=(70, 75),
+    left=0.0211,
+    right=0.0209,
+    asymmetry_index=0.00947867,
+    activation_gate=0.3666667,
+    asymmetry_score=99.652449,
+    cosine_index=0.93,
+    cosine_score=97.433333,
+    weaker_side=None,
+    method="landmarks",
+)
+EYES = TaskResult(
+    task=Task.EYE_CLOSURE,
+    frames=(0, 1),
+    rest_frames=(0, 0),
+    peak_frames=(1, 1),
+    left=0.41,
+    right=0.12,
+    asymmetry_index=0.707317,
+    activation_gate=1.0,
+    asymmetry_score=29.2683,
+    cosine_index=0.25,
+    cosine_score=25.0,
+    weaker_side=Side.RIGHT,
+    method="landmarks",
+)
+
+
+def _header(ds: Dataset) -> Dataset:
+    """What the worker hands the report: the stored file's header, read without pixels."""
+    out = copy.deepcopy(ds)
+    del out.PixelData
+    return out
+
+
+@pytest.fixture(scope="module")
+def study() -> dict[str, Dataset]:
+    study_uid = generate_uid()
+    video = build_video_photographic(
+        b"\x00" * 64,
+        width=64,
+        height=48,
+        n_frames=N_FRAMES,
+        fps=30.0,
+        study_uid=study_uid,
+        patient_name=PATIENT,
+    )
+    photo = build_vl_photograph(np.zeros((8, 8, 3), np.uint8), study_uid=study_uid, patient_name=PATIENT)
+    return {"video": _header(video), "photo": _header(photo)}
+
+
+def _findings(study: dict[str, Dataset]) -> list[InstanceFinding]:
+    video, photo = study["video"], study["photo"]
+    ok = Quality(True, (), ("face lost in 3 frames",), 87, N_FRAMES)
+    bad = Quality(False, ("no face",), (), 0, 1)
+    return [
+        InstanceFinding(video.SOPClassUID, video.SOPInstanceUID, N_FRAMES, Analysis(ok, (SMILE, BROW))),
+        InstanceFinding(photo.SOPClassUID, photo.SOPInstanceUID, None, Analysis(bad, ())),
+    ]
+
+
+@pytest.fixture(scope="module")
+def written(study: dict[str, Dataset], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sr = build_report(list(study.values()), _findings(study), engine_version=ENGINE)
+    path = tmp_path_factory.mktemp("sr") / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _assert_task(got: dict, want: TaskResult, peak: list[int] | None) -> None:
+    assert got["task"] == want.task.value
+    for key in (
+        "left",
+        "right",
+        "asymmetry_index",
+        "activation_gate",
+        "asymmetry_score",
+        "cosine_index",
+        "cosine_score",
+    ):
+        assert got[key] == pytest.approx(getattr(want, key), abs=1e-6), key
+    assert got["weaker_side"] == (want.weaker_side.value if want.weaker_side else None)
+    assert got["insufficient_activation"] is want.insufficient_activation
+    assert got["peak_frames"] == peak
+    assert got["method"] == want.method
+    assert got["notes"] == list(want.notes)
+
+
+def test_round_trip_equals_the_input(written: Path, study: dict[str, Dataset]) -> None:
+    got = read_report(pydicom.dcmread(written))
+    assert [g["sop_instance_uid"] for g in got] == [
+        study["video"].SOPInstanceUID,
+        study["photo"].SOPInstanceUID,
+    ]
+    video, photo = got
+    assert video["quality_ok"] is True and video["reasons"] == []
+    assert video["warnings"] == ["face lost in 3 frames"]
+    assert [t["task"] for t in video["tasks"]] == ["smile", "brow_raise"]
+    _assert_task(video["tasks"][0], SMILE, list(SMILE.peak_frames))
+    _assert_task(video["tasks"][1], BROW, list(BROW.peak_frames))
+    assert photo == {
+        "sop_instance_uid": study["photo"].SOPInstanceUID,
+        "quality_ok": False,
+        "reasons": ["no face"],
+        "warnings": [],
+        "tasks": [],
+        "static": [],
+    }
+
+
+def test_sr_header(written: Path, study: dict[str, Dataset]) -> None:
+    ds = pydicom.dcmread(written)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert ds.Modality == "SR"
+    assert ds.StudyInstanceUID == study["video"].StudyInstanceUID
+    assert ds.PatientName == PATIENT
+    assert (ds.SeriesInstanceUID, ds.SOPInstanceUID) == report_uids(
+        [study["photo"].SOPInstanceUID, study["video"].SOPInstanceUID], ENGINE
+    )
+    assert ds.SeriesNumber == 9001 and ds.SeriesDescription == "FaceSym facial symmetry report"
+    assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    # The source instances are the evidence of the current requested procedure (PS3.3 C.17.2.3).
+    evidence = {
+        sop.ReferencedSOPInstanceUID
+        for study_item in ds.CurrentRequestedProcedureEvidenceSequence
+        for series in study_item.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert evidence == {study["video"].SOPInstanceUID, study["photo"].SOPInstanceUID}
+    # The local coding scheme is declared; the IHE AIR contributing equipment names FaceSym.
+    assert [i.CodingSchemeDesignator for i in ds.CodingSchemeIdentificationSequence] == [codes.SCHEME]
+    ours = [
+        e
+        for e in ds.ContributingEquipmentSequence
+        if e.PurposeOfReferenceCodeSequence[0].CodeValue == "109102" and e.ManufacturerModelName == "FaceSym"
+    ]
+    assert len(ours) == 1 and ours[0].Manufacturer == "FaceSym" and ours[0].SoftwareVersions == ENGINE
+    assert ds.PerformedProcedureCodeSequence[0].CodeValue == codes.PROCEDURE.value
+
+
+def test_peak_frames_are_referenced_one_based(written: Path) -> None:
+    ds = pydicom.dcmread(written)
+    groups = ds.ContentSequence[-1].ContentSequence  # "Imaging Measurements" → "Measurement Group"s
+    images = [i for g in groups for i in g.ContentSequence if i.ValueType == "IMAGE"]
+    frames = [
+        list(map(int, i.ReferencedSOPSequence[0].get("ReferencedFrameNumber", []) or [])) for i in images
+    ]
+    assert frames[0] == list(range(41, 54))
+    assert frames[1] == list(range(71, 77))
+    assert frames[2] == []  # the single-frame photo
+
+
+def test_report_uids_are_deterministic_and_order_independent() -> None:
+    a, b, c = generate_uid(), generate_uid(), generate_uid()
+    first = report_uids([a, b, c], ENGINE)
+    assert report_uids([c, a, b], ENGINE) == first
+    assert report_uids([b, c, a, a], ENGINE) == first
+    assert first[0] != first[1]
+    assert report_uids([a, b, c], "0.2.0") != first
+    assert set(report_uids([a, b], ENGINE)).isdisjoint(first)
+    for uid in first:
+        assert uid.startswith("2.25.") and len(uid) <= 64
+        assert pydicom.uid.UID(uid).is_valid
+    with pytest.raises(InvalidParameterError, match="source_sop_instance_uids"):
+        report_uids([], ENGINE)
+
+
+def test_resend_builds_the_same_uids(study: dict[str, Dataset]) -> None:
+    one = build_report(list(study.values()), _findings(study), engine_version=ENGINE)
+    two = build_report(list(reversed(study.values())), _findings(study), engine_version=ENGINE)
+    assert (one.SeriesInstanceUID, one.SOPInstanceUID) == (two.SeriesInstanceUID, two.SOPInstanceUID)
+
+
+def test_static_items_and_photo_pair_round_trip(tmp_path: Path) -> None:
+    study_uid = generate_uid()
+    photo = _header(build_vl_photograph(np.zeros((8, 8, 3), np.uint8), study_uid=study_uid))
+    static = (StaticItem("brow_height", 0.61, 0.55), StaticItem("commissure_height", -0.92, -0.88))
+    analysis = Analysis(Quality(True, (), (), 2, 2), (EYES,), static)
+    sr = build_report(
+        [photo],
+        [InstanceFinding(photo.SOPClassUID, photo.SOPInstanceUID, None, analysis)],
+        engine_version=ENGINE,
+    )
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    (got,) = read_report(pydicom.dcmread(tmp_path / "sr.dcm"))
+    (task,) = got["tasks"]
+    _assert_task(task, EYES, None)
+    assert got["static"] == [
+        {"name": "brow_height", "left": pytest.approx(0.61), "right": pytest.approx(0.55)},
+        {"name": "commissure_height", "left": pytest.approx(-0.92), "right": pytest.approx(-0.88)},
+    ]
+
+
+def test_eye_closure_magnitudes_are_dimensionless(study: dict[str, Dataset]) -> None:
+    video = study["video"]
+    eyes = TaskResult(**{**EYES.__dict__, "peak_frames": (10, 11)})
+    sr = build_report(
+        [video],
+        [
+            InstanceFinding(
+                video.SOPClassUID,
+                video.SOPInstanceUID,
+                N_FRAMES,
+                Analysis(Quality(True, (), (), 9, 9), (eyes, SMILE)),
+            )
+        ],
+        engine_version=ENGINE,
+    )
+    groups = sr.ContentSequence[-1].ContentSequence
+    units = [
+        {
+            i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue
+            for i in g.ContentSequence
+            if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "FSY-MAG"
+        }
+        for g in groups
+    ]
+    assert units == [{"1"}, {"{D}"}]
+
+
+def test_missing_type2_attributes_and_non_ascii_reasons(study: dict[str, Dataset], tmp_path: Path) -> None:
+    video = copy.deepcopy(study["video"])
+    for keyword in ("AccessionNumber", "StudyID", "PatientBirthDate", "ReferringPhysicianName"):
+        delattr(video, keyword)
+    del video.SpecificCharacterSet  # default repertoire, yet the reasons below are not ASCII
+    finding = InstanceFinding(
+        video.SOPClassUID,
+        video.SOPInstanceUID,
+        N_FRAMES,
+        Analysis(Quality(False, ("head yaw beyond ±25° in frames 3–9",), (), 0, 0), ()),
+    )
+    sr = build_report([video], [finding], engine_version=ENGINE)
+    for keyword in ("AccessionNumber", "StudyID", "PatientBirthDate", "ReferringPhysicianName"):
+        assert keyword in sr and not sr[keyword].value, keyword  # Type 2: present, empty
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert read_report(pydicom.dcmread(path))[0]["reasons"] == ["head yaw beyond ±25° in frames 3–9"]
+
+
+def test_invalid_inputs_name_the_argument(study: dict[str, Dataset]) -> None:
+    findings = _findings(study)
+    with pytest.raises(InvalidParameterError, match="evidence"):
+        build_report([], findings, engine_version=ENGINE)
+    with pytest.raises(InvalidParameterError, match="findings"):
+        build_report(list(study.values()), [], engine_version=ENGINE)
+    with pytest.raises(InvalidParameterError, match=r"findings\[1\]"):
+        build_report([study["video"]], findings, engine_version=ENGINE)
+    other = copy.deepcopy(study["photo"])
+    other.StudyInstanceUID = generate_uid()
+    with pytest.raises(InvalidParameterError, match="one study"):
+        build_report([study["video"], other], findings[:1], engine_version=ENGINE)
+    nan = TaskResult(**{**SMILE.__dict__, "cosine_index": float("nan")})
+    bad = InstanceFinding(
+        findings[0].sop_class_uid,
+        findings[0].sop_instance_uid,
+        N_FRAMES,
+        Analysis(findings[0].analysis.quality, (nan,)),
+    )
+    with pytest.raises(InvalidParameterError, match=r"findings\[0\]\.tasks\[0\]\.cosine_index"):
+        build_report(list(study.values()), [bad], engine_version=ENGINE)
+
+
+def test_no_patient_name_in_logs(
+    study: dict[str, Dataset], caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    sr = build_report(
+        list(study.values()), _findings(study), engine_version=ENGINE, institution_name="Clinic"
+    )
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    read_report(pydicom.dcmread(tmp_path / "sr.dcm"))
+    assert any(sr.SOPInstanceUID in r.getMessage() for r in caplog.records)
+    for record in caplog.records:
+        message = record.getMessage()
+        assert "DOE" not in message and "JANE" not in message, message
+
+
+def test_local_codes_fit_the_value_representations() -> None:
+    values = [c.value for c in codes.ALL_LOCAL]
+    assert len(values) == len(set(values))
+    for code in codes.ALL_LOCAL:
+        assert code.scheme_designator == codes.SCHEME
+        assert len(code.value) <= 16 and len(code.meaning) <= 64
+
+
+def test_local_codes_are_documented() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "conformance" / "local-codes.md").read_text()
+    for code in codes.ALL_LOCAL:
+        assert f"`{code.value}`" in doc and code.meaning in doc, code.value
+
+
+def test_peak_frames_beyond_the_object_are_clipped(study: dict[str, Dataset]) -> None:
+    video = study["video"]
+    late = TaskResult(**{**SMILE.__dict__, "peak_frames": (N_FRAMES - 2, N_FRAMES + 3)})
+    quality = Quality(True, (), (), N_FRAMES, N_FRAMES)
+    finding = InstanceFinding(video.SOPClassUID, video.SOPInstanceUID, N_FRAMES, Analysis(quality, (late,)))
+    (got,) = read_report(build_report([video], [finding], engine_version=ENGINE))
+    assert got["tasks"][0]["peak_frames"] == [N_FRAMES - 2, N_FRAMES - 1]
