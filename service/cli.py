@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="send a phantom exam to FaceSym over DICOM and print the SR's scores")
     dm.add_argument("--config", help="TOML settings file (where FaceSym listens)")
-    dm.add_argument("--receiver-port", type=int, default=0, help="port of the demo's SR receiver (default: free)")
+    dm.add_argument(
+        "--receiver-port", type=int, default=0, help="port of the demo's SR receiver (default: free)"
+    )
     return p
 
 
@@ -224,10 +225,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for group in results:
         for t in group["tasks"]:
             table.add_row(group["sop_instance_uid"][-12:], t["task"], f"{t['left']:.3f}", f"{t['right']:.3f}",
-                          f"{t['asymmetry_index']:.2f}", f"{t['activation_gate']:.2f}", f"{t['asymmetry_score']:.0f}",
-                          f"{t['cosine_score']:.0f}", t["weaker_side"] or "none")
+                          f"{t['asymmetry_index']:.2f}", f"{t['activation_gate']:.2f}",
+                          f"{t['asymmetry_score']:.0f}", f"{t['cosine_score']:.0f}",
+                          t["weaker_side"] or "none")
         if not group["quality_ok"]:
-            table.add_row(group["sop_instance_uid"][-12:], "not analysable", "; ".join(group["reasons"]), *[""] * 6)
+            table.add_row(
+                group["sop_instance_uid"][-12:], "not analysable", "; ".join(group["reasons"]), *[""] * 6
+            )
     console.print(table)
     return EXIT_OK
 

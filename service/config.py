@@ -61,7 +61,8 @@ class Settings:
     allowed_calling_aes: tuple[str, ...] = ()  # empty: any calling AE title
     max_associations: int = 10
     min_free_disk_mb: int = 1024
-    duplicate_policy: str = "version"  # different bytes, same SOP Instance UID: "version" keeps both, "reject"
+    # different bytes, same SOP Instance UID: "version" keeps both, "reject"
+    duplicate_policy: str = "version"
     workers: int = 2
     poll_seconds: float = 1.0
     max_attempts: int = 5
@@ -84,7 +85,9 @@ class Settings:
         if not 0 < self.dicom_port < 65536:
             raise InvalidParameterError(f"dicom_port must be 1–65535, got {self.dicom_port}")
         if self.duplicate_policy not in ("version", "reject"):
-            raise InvalidParameterError(f"duplicate_policy must be version or reject, got {self.duplicate_policy!r}")
+            raise InvalidParameterError(
+                f"duplicate_policy must be version or reject, got {self.duplicate_policy!r}"
+            )
         for name in ("quiet_seconds", "poll_seconds", "retry_base_seconds", "retry_max_seconds"):
             if getattr(self, name) < 0:
                 raise InvalidParameterError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -13,9 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pydicom.uid import generate_uid
+from pydicom.uid import ComprehensiveSRStorage, generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import ComprehensiveSRStorage, Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from service.config import Destination, Settings
 from service.domain import Task
@@ -66,7 +66,12 @@ class Receiver:
                 self._cond.notify_all()
             return 0x0000
 
-        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        server = ae.start_server(
+            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+        )
+        if server is None:
+            raise RuntimeError(f"the demo SR receiver failed to start on 127.0.0.1:{port}")
+        self.server = server
         self.port = self.server.server_address[1]
 
     def wait_for(self, study_uid: str, timeout: float) -> Any | None:
@@ -138,8 +143,8 @@ def run_demo(settings: Settings, receiver_port: int = 0, timeout: float = 300.0)
             print(f"No FaceSym answered at {settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}; "
                   f"started one for the demo (data in {tmp}).")
         else:
-            print(f"Using the running FaceSym at {settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}; "
-                  f"it must send reports to {DEMO_AE}@127.0.0.1:{receiver.port}.")
+            print(f"Using the running FaceSym at {settings.ae_title}@{settings.dicom_host}:"
+                  f"{settings.dicom_port}; it must send reports to {DEMO_AE}@127.0.0.1:{receiver.port}.")
         with tempfile.TemporaryDirectory(prefix="facesym-exam-") as tmpdir:
             print("Making a phantom exam (smile, eye closure, brow raise; the left side is weak) …")
             study_uid, paths = make_exam(Path(tmpdir))

@@ -19,7 +19,9 @@ class DeliveryError(Exception):
     """The destination could not be reached or refused the object; the message says which."""
 
 
-def send_files(destination: Destination, paths: Sequence[Path], calling_ae: str, timeout: float = 30.0) -> None:
+def send_files(
+    destination: Destination, paths: Sequence[Path], calling_ae: str, timeout: float = 30.0
+) -> None:
     """C-STORE every file in ``paths`` to ``destination`` in one association.
 
     Raises DeliveryError unless every object got a success (0x0000) or warning (0xB000–0xBFFF) status.
@@ -34,7 +36,9 @@ def send_files(destination: Destination, paths: Sequence[Path], calling_ae: str,
         ae.add_requested_context(uid, sorted(own | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
-        raise DeliveryError(f"association with {destination} was not established (refused, aborted or unreachable)")
+        raise DeliveryError(
+            f"association with {destination} was not established (refused, aborted or unreachable)"
+        )
     try:
         for ds in datasets:
             status = assoc.send_c_store(ds)
@@ -42,7 +46,9 @@ def send_files(destination: Destination, paths: Sequence[Path], calling_ae: str,
             if code is None:
                 raise DeliveryError(f"{destination}: no C-STORE response for {ds.SOPInstanceUID}")
             if code != 0x0000 and not 0xB000 <= code <= 0xBFFF:
-                raise DeliveryError(f"{destination}: C-STORE of {ds.SOPInstanceUID} failed with status 0x{code:04X}")
+                raise DeliveryError(
+                    f"{destination}: C-STORE of {ds.SOPInstanceUID} failed with status 0x{code:04X}"
+                )
             log.info("delivered %s to %s (status 0x%04X)", ds.SOPInstanceUID, destination, code)
     finally:
         assoc.release()

@@ -71,7 +71,9 @@ def analyse_study(inputs: list[InstanceInput]) -> list[InstanceAnalysis]:
             counted[0] = n
 
         try:
-            analysis = analyze_frames(prefetch(source.frames()), info.fps, _task(item.task_hint), progress=tick)
+            analysis = analyze_frames(
+                prefetch(source.frames()), info.fps, _task(item.task_hint), progress=tick
+            )
         except (UnreadableInputError, NotAnalysableError) as exc:
             reasons = exc.reasons if isinstance(exc, NotAnalysableError) else [f"unreadable: {exc}"]
             analysis = Analysis(Quality(False, tuple(reasons), (), 0, counted[0]), ())
@@ -96,7 +98,9 @@ def _analyse_photos(photos: list[tuple[InstanceInput, object]]) -> list[Instance
         out.append(InstanceAnalysis(item, analysis, 1, 0.0))
     for item, rgb in others:
         if rest is None:
-            out.append(InstanceAnalysis(item, _failed("expression photo without a rest photo in the study"), 1, 0.0))
+            out.append(
+                InstanceAnalysis(item, _failed("expression photo without a rest photo in the study"), 1, 0.0)
+            )
             continue
         try:
             analysis = analyze_photos(np.asarray(rest[1]), np.asarray(rgb), _task(item.task_hint))

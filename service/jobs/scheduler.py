@@ -12,6 +12,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -30,6 +31,9 @@ from service.jobs.worker import (
 from service.store.db import open_database
 from service.store.files import FileStore
 
+if TYPE_CHECKING:
+    from pynetdicom.transport import ThreadedAssociationServer
+
 log = logging.getLogger(__name__)
 
 
@@ -42,12 +46,13 @@ class FaceSymService:
         self.sessions = open_database(settings.effective_database_url)
         self.files = FileStore(settings.files_dir)
         self.ctx = WorkerContext(
-            settings, self.sessions, self.files, ENGINE_VERSION, f"{socket.gethostname()}:{os.getpid()}", analyser
+            settings, self.sessions, self.files, ENGINE_VERSION, f"{socket.gethostname()}:{os.getpid()}",
+            analyser,
         )
         self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="facesym-worker")
         self._slots = threading.BoundedSemaphore(settings.workers)
         self._scheduler = BackgroundScheduler(timezone=UTC)
-        self._scp = None
+        self._scp: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
         from service.dicom.scp import start_scp
@@ -61,8 +66,8 @@ class FaceSymService:
         self._scheduler.add_job(self._deliver, "interval", seconds=every, max_instances=1, coalesce=True,
                                 next_run_time=now, id="deliver")
         self._scheduler.start()
-        log.info("FaceSym %s listening as %s on %s:%d; destinations: %s", ENGINE_VERSION, self.settings.ae_title,
-                 self.settings.dicom_host, self.settings.dicom_port,
+        log.info("FaceSym %s listening as %s on %s:%d; destinations: %s", ENGINE_VERSION,
+                 self.settings.ae_title, self.settings.dicom_host, self.settings.dicom_port,
                  ", ".join(map(str, self.settings.destinations)) or "none")
 
     def _dispatch(self) -> None:

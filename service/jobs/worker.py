@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
 from sqlalchemy import select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Destination, Settings
@@ -42,7 +44,9 @@ class WorkerContext:
 
 def backoff(settings: Settings, attempts: int) -> timedelta:
     """Exponential backoff: base · 2^(attempts − 1), capped at retry_max_seconds."""
-    return timedelta(seconds=min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** max(0, attempts - 1)))
+    return timedelta(
+        seconds=min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** max(0, attempts - 1))
+    )
 
 
 def _aware(t: datetime) -> datetime:
@@ -53,20 +57,27 @@ def _aware(t: datetime) -> datetime:
 def recover_interrupted(sessions: sessionmaker[Session]) -> int:
     """At start-up: jobs left RUNNING by a crash go back to QUEUED. Returns how many."""
     with sessions.begin() as s:
-        n = s.execute(
-            update(Job).where(Job.state == JobState.RUNNING).values(state=JobState.QUEUED, claimed_by="")
+        n = cast(
+            CursorResult[Any],
+            s.execute(
+                update(Job).where(Job.state == JobState.RUNNING).values(state=JobState.QUEUED, claimed_by="")
+            ),
         ).rowcount
     if n:
         log.warning("recovered %d job(s) left RUNNING by an earlier process", n)
     return int(n or 0)
 
 
-def promote_stable_studies(sessions: sessionmaker[Session], quiet_seconds: float, now: datetime | None = None) -> list[int]:
+def promote_stable_studies(
+    sessions: sessionmaker[Session], quiet_seconds: float, now: datetime | None = None
+) -> list[int]:
     """RECEIVED jobs whose study has been quiet for ``quiet_seconds`` become QUEUED."""
     now = now or utcnow()
     promoted = []
     with sessions.begin() as s:
-        rows = s.execute(select(Job, Study).join(Study, Job.study_pk == Study.id).where(Job.state == JobState.RECEIVED)).all()
+        rows = s.execute(
+            select(Job, Study).join(Study, Job.study_pk == Study.id).where(Job.state == JobState.RECEIVED)
+        ).all()
         for job, study in rows:
             if now - _aware(study.last_received_at) >= timedelta(seconds=quiet_seconds):
                 job.state, job.next_run_at = JobState.QUEUED, now
@@ -76,33 +87,52 @@ def promote_stable_studies(sessions: sessionmaker[Session], quiet_seconds: float
     return promoted
 
 
-def claim_next_job(sessions: sessionmaker[Session], worker_id: str, now: datetime | None = None) -> int | None:
+def claim_next_job(
+    sessions: sessionmaker[Session], worker_id: str, now: datetime | None = None
+) -> int | None:
     """Atomically move one due QUEUED job to RUNNING; the conditional UPDATE makes racing workers safe."""
     now = now or utcnow()
     with sessions.begin() as s:
         candidates = s.scalars(
-            select(Job.id).where(Job.state == JobState.QUEUED, Job.next_run_at <= now).order_by(Job.next_run_at).limit(5)
+            select(Job.id)
+            .where(Job.state == JobState.QUEUED, Job.next_run_at <= now)
+            .order_by(Job.next_run_at)
+            .limit(5)
         ).all()
         for job_id in candidates:
-            got = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.QUEUED)
-                .values(state=JobState.RUNNING, claimed_by=worker_id, attempts=Job.attempts + 1, updated_at=now)
+            got = cast(
+                CursorResult[Any],
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == JobState.QUEUED)
+                    .values(
+                        state=JobState.RUNNING,
+                        claimed_by=worker_id,
+                        attempts=Job.attempts + 1,
+                        updated_at=now,
+                    )
+                ),
             ).rowcount
             if got == 1:
                 return int(job_id)
     return None
 
 
-def _inputs(s: Session, files: FileStore, study: Study, rules: tuple[tuple[str, str], ...]) -> list[InstanceInput]:
+def _inputs(
+    s: Session, files: FileStore, study: Study, rules: tuple[tuple[str, str], ...]
+) -> list[InstanceInput]:
     rows = s.execute(
-        select(Instance, Series).join(Series, Instance.series_pk == Series.id).where(Series.study_pk == study.id)
+        select(Instance, Series)
+        .join(Series, Instance.series_pk == Series.id)
+        .where(Series.study_pk == study.id)
     ).all()
     latest: dict[str, tuple[Instance, Series]] = {}
     for inst, series in rows:
         if inst.sop_instance_uid not in latest or inst.version > latest[inst.sop_instance_uid][0].version:
             latest[inst.sop_instance_uid] = (inst, series)
-    items = sorted(latest.values(), key=lambda r: (r[1].series_number or 0, r[0].instance_number or 0, r[0].id))
+    items = sorted(
+        latest.values(), key=lambda r: (r[1].series_number or 0, r[0].instance_number or 0, r[0].id)
+    )
     return [
         InstanceInput(
             sop_instance_uid=inst.sop_instance_uid,
@@ -140,11 +170,16 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
             raise RuntimeError("study has no instances")
         results = ctx.analyser(inputs)
         findings = [
-            InstanceFinding(r.source.sop_class_uid, r.source.sop_instance_uid, r.source.number_of_frames, r.analysis)
+            InstanceFinding(
+                r.source.sop_class_uid, r.source.sop_instance_uid, r.source.number_of_frames, r.analysis
+            )
             for r in results
         ]
         sr_path, sr_uid = write_report(
-            [r.source.path for r in results], findings, ctx.files.abspath(f"reports/{study_uid}"), ctx.engine_version
+            [r.source.path for r in results],
+            findings,
+            ctx.files.abspath(f"reports/{study_uid}"),
+            ctx.engine_version,
         )
         docs = [_result_doc(r) for r in results]
     except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker; retried, then FAILED
@@ -157,7 +192,9 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
             return JobState.FAILED
         if _aware(study.last_received_at) > received_before:
             job.state, job.claimed_by = JobState.RECEIVED, ""
-            log.info("job %d: new instances arrived while running; waiting for the study to be quiet again", job_id)
+            log.info(
+                "job %d: new instances arrived while running; waiting for the study to be quiet again", job_id
+            )
             return JobState.RECEIVED
         job.state, job.reason, job.claimed_by = JobState.REPORTED, "", ""
         job.sr_path = str(Path(sr_path).relative_to(ctx.files.root))
@@ -170,7 +207,9 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
             else:
                 for d in job.deliveries:
                     if d.destination == str(dest):
-                        d.state, d.attempts, d.next_run_at, d.last_error = DeliveryState.PENDING, 0, started, ""
+                        d.state, d.attempts, d.next_run_at, d.last_error = (
+                            DeliveryState.PENDING, 0, started, ""
+                        )
     log.info("job %d: reported as SR %s", job_id, sr_uid)
     return JobState.REPORTED
 
@@ -197,18 +236,27 @@ def _retry_or_fail(ctx: WorkerContext, job_id: int, reason: str) -> JobState:
             return JobState.FAILED
         job.state, job.reason = JobState.QUEUED, reason
         job.next_run_at = now + backoff(ctx.settings, job.attempts)
-        log.warning("job %d attempt %d failed (%s); retry at %s", job_id, job.attempts, reason, job.next_run_at)
+        log.warning(
+            "job %d attempt %d failed (%s); retry at %s", job_id, job.attempts, reason, job.next_run_at
+        )
         return JobState.QUEUED
 
 
 def deliver_due(ctx: WorkerContext, now: datetime | None = None) -> int:
-    """Send due PENDING deliveries; a job whose deliveries all succeeded becomes DELIVERED. Returns sent count."""
+    """Send due PENDING deliveries; a job whose deliveries all succeeded becomes DELIVERED.
+
+    Returns sent count.
+    """
     now = now or utcnow()
     with ctx.sessions() as s:
         due = s.execute(
             select(Delivery.id, Delivery.destination, Job.sr_path, Job.id)
             .join(Job, Delivery.job_pk == Job.id)
-            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_run_at <= now, Job.state == JobState.REPORTED)
+            .where(
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.next_run_at <= now,
+                Job.state == JobState.REPORTED,
+            )
         ).all()
     sent = 0
     for delivery_id, destination, sr_path, job_id in due:

@@ -1,4 +1,7 @@
-"""Files in, SR file out: reads the source headers and writes the report atomically (pydicom stays in report/)."""
+"""Files in, SR file out: reads the source headers and writes the report atomically.
+
+pydicom stays in report/.
+"""
 
 from __future__ import annotations
 

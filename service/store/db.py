@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     DateTime,
@@ -34,7 +35,7 @@ class Base(DeclarativeBase):
     pass
 
 
-class JobState(str, enum.Enum):
+class JobState(str, enum.Enum):  # noqa: UP042 (StrEnum would change str()/format())
     RECEIVED = "RECEIVED"
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
@@ -43,7 +44,7 @@ class JobState(str, enum.Enum):
     FAILED = "FAILED"
 
 
-class DeliveryState(str, enum.Enum):
+class DeliveryState(str, enum.Enum):  # noqa: UP042 (StrEnum would change str()/format())
     PENDING = "PENDING"
     DELIVERED = "DELIVERED"
     FAILED = "FAILED"
@@ -119,7 +120,9 @@ class Job(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"))
     engine_version: Mapped[str] = mapped_column(String(32))
-    state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16), default=JobState.RECEIVED)
+    state: Mapped[JobState] = mapped_column(
+        Enum(JobState, native_enum=False, length=16), default=JobState.RECEIVED
+    )
     reason: Mapped[str] = mapped_column(Text, default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -158,7 +161,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")  # a C-STORE is acknowledged only after this commit

@@ -6,7 +6,6 @@ listens on every address, so only inside a private network namespace, as .ci/run
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -45,8 +44,8 @@ def exam(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
 
 
 def _settings(tmp: Path, dest: Destination) -> Settings:
-    return replace(Settings(), data_dir=tmp / "var", dicom_port=free_port(), quiet_seconds=1.0, poll_seconds=0.2,
-                   destinations=(dest,), retry_base_seconds=0.5, retry_max_seconds=2.0)
+    return replace(Settings(), data_dir=tmp / "var", dicom_port=free_port(), quiet_seconds=1.0,
+                   poll_seconds=0.2, destinations=(dest,), retry_base_seconds=0.5, retry_max_seconds=2.0)
 
 
 def _wait(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
@@ -156,7 +155,9 @@ def _job_state(tmp: Path) -> str | None:
 
 
 @pytest.mark.parametrize("kill_in", ["QUEUED", "RUNNING"])
-def test_sigkill_then_restart_delivers_exactly_one_sr(exam: tuple[str, Path], tmp_path: Path, kill_in: str) -> None:
+def test_sigkill_then_restart_delivers_exactly_one_sr(
+    exam: tuple[str, Path], tmp_path: Path, kill_in: str
+) -> None:
     study_uid, path = exam
     receiver = Receiver(0)
     port = free_port()
@@ -167,7 +168,11 @@ def test_sigkill_then_restart_delivers_exactly_one_sr(exam: tuple[str, Path], tm
 
         _wait(lambda: facesym_answers("127.0.0.1", port, "FACESYM"), 60, "facesym serve to answer C-ECHO")
         send([path], "127.0.0.1", port, "FACESYM")
-        _wait(lambda: _job_state(tmp_path) in (kill_in, "RUNNING", "REPORTED", "DELIVERED"), 60, f"job {kill_in}")
+        _wait(
+            lambda: _job_state(tmp_path) in (kill_in, "RUNNING", "REPORTED", "DELIVERED"),
+            60,
+            f"job {kill_in}",
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         state_at_kill = _job_state(tmp_path)
@@ -199,7 +204,9 @@ def test_dcmtk_storescu_to_facesym_to_storescp(exam: tuple[str, Path], tmp_path:
     service = FaceSymService(_settings(tmp_path, Destination("DCMTKDEST", "127.0.0.1", scp_port)))
     service.start()
     try:
-        command = [storescu, "-R", "-xn", "-aec", "FACESYM", "127.0.0.1", str(service.settings.dicom_port), str(path)]
+        command = [
+            storescu, "-R", "-xn", "-aec", "FACESYM", "127.0.0.1", str(service.settings.dicom_port), str(path)
+        ]
         run = subprocess.run(command, env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         # storescp writes as it receives: the file is whole once FaceSym got the C-STORE response.
@@ -211,9 +218,16 @@ def test_dcmtk_storescu_to_facesym_to_storescp(exam: tuple[str, Path], tmp_path:
         assert xml.returncode == 0 and "<report" in xml.stdout, xml.stderr
         import pydicom
 
+        from service.cli import analyze_path
+
         (group,) = read_report(pydicom.dcmread(sr_file))
-        assert group["tasks"][0]["weaker_side"] == "left"
-        json.dumps(group)
+        (task,) = group["tasks"]
+        cli = analyze_path(str(path), None, Task.SMILE, False, False)["tasks"][0]
+        assert task["weaker_side"] == cli["weaker_side"] == "left"
+        for key in ("asymmetry_index", "activation_gate", "asymmetry_score", "cosine_index", "cosine_score"):
+            assert task[key] == pytest.approx(cli[key], abs=1e-3), key
+        assert task["left"] == pytest.approx(cli["left"]["magnitude"], abs=1e-3)
+        assert task["right"] == pytest.approx(cli["right"]["magnitude"], abs=1e-3)
     finally:
         service.stop()
         scp.terminate()
