@@ -30,68 +30,10 @@ from service.engine.scores import (
 from service.errors import InvalidParameterError
 
 TOL = 1e-9
-U = np.sqrt(0.5)  # component of the 45° smile direction
-EYE_A, EYE_B = 0.15, 0.06
 GATES = pl.EngineParams().gates  # smile (0.02, 0.08) D, eye closure (0.05, 0.30), brow (0.01, 0.04) D
 
 
-# --------------------------------------------------------------------------- synthetic faces
-# (the same construction as tests/unit/test_tasks.py; kept local so each module stands alone)
-
-
-def symmetric_face(seed: int = 0) -> np.ndarray:
-    """(478, 2), symmetric about x = 0 through the mirror map, eye centres (±0.5, 0.3) so D = 1,
-    brows above the eyes, mouth corners 291 / 61 at (±0.4, −0.9), nose tip at the origin."""
-    rng = np.random.default_rng(seed)
-    pts = np.full((nz.N_LANDMARKS, 2), np.nan)
-    left = np.asarray(nz.LEFT_HALF)
-    pts[left, 0] = rng.uniform(0.1, 1.0, len(left))
-    pts[left, 1] = rng.uniform(-1.5, 1.2, len(left))
-    ang = 2 * np.pi * np.arange(16) / 16
-    eye = list(nz.LEFT_EYE_CONTOUR)
-    pts[eye, 0] = 0.5 + EYE_A * np.cos(ang)
-    pts[eye, 1] = 0.3 + EYE_B * np.sin(ang)
-    brow = list(nz.LEFT_BROW)
-    pts[brow, 0] = np.linspace(0.2, 0.9, len(brow))
-    pts[brow, 1] = 0.6 + 0.05 * np.sin(np.linspace(0, np.pi, len(brow)))
-    pts[nz.LEFT_IRIS_CENTRE] = (0.5, 0.3)
-    smile = list(tk.SMILE_LEFT)
-    pts[smile, 0] = 0.4 + np.array([0.0, -0.03, -0.02, -0.02, 0.03])
-    pts[smile, 1] = -0.9 + np.array([0.0, 0.0, -0.03, 0.03, -0.05])
-    pts[nz.MIRROR[left]] = pts[left] * np.array([-1.0, 1.0])
-    mid = list(nz.MIDLINE)
-    pts[mid, 0] = 0.0
-    pts[mid, 1] = rng.uniform(-1.5, 1.2, len(mid))
-    pts[nz.NOSE_TIP] = (0.0, 0.0)
-    return pts
-
-
-def smile_face(rest: np.ndarray, left: float, right: float) -> np.ndarray:
-    """Left corner group ``left`` D up-and-out at 45°, right group ``right`` D along the mirror direction."""
-    peak = rest.copy()
-    gl, gr = tk.groups(Task.SMILE)
-    peak[list(gl)] += left * np.array([U, U])
-    peak[list(gr)] += right * np.array([-U, U])
-    return peak
-
-
-def brow_face(rest: np.ndarray, left: float, right: float) -> np.ndarray:
-    peak = rest.copy()
-    gl, gr = tk.groups(Task.BROW_RAISE)
-    peak[list(gl), 1] += left
-    peak[list(gr), 1] += right
-    return peak
-
-
-def eye_face(rest: np.ndarray, left: float, right: float) -> np.ndarray:
-    """Scale each eye contour's vertical extent by (1 − fraction) about its centre: closure = fraction."""
-    peak = rest.copy()
-    for contour, frac in ((nz.LEFT_EYE_CONTOUR, left), (nz.RIGHT_EYE_CONTOUR, right)):
-        idx = list(contour)
-        cy = peak[idx, 1].mean()
-        peak[idx, 1] = cy + (1.0 - frac) * (peak[idx, 1] - cy)
-    return peak
-
+from synthetic_face import EYE_A, EYE_B, U, brow_face, eye_face, smile_face, symmetric_face  # noqa: E402,F401
 
 MAKE = {Task.SMILE: smile_face, Task.BROW_RAISE: brow_face, Task.EYE_CLOSURE: eye_face}
 #: A clearly full movement per task (above a1), in the task's unit.
