@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="task shown (default auto: find the tasks in the clip)")
     a.add_argument("--json", metavar="FILE", help="write the result as JSON (- for stdout)")
     a.add_argument("--mirrored", action="store_true", help="input is mirrored (selfie camera)")
+    a.add_argument("--fhir", metavar="FILE",
+                   help="DICOM input only: also write the FHIR R4 transaction Bundle FaceSym would send "
+                   "for it (identity from the DICOM header)")
+    a.add_argument("--patient-system", metavar="URI", help="identifier system of the Patient ID for --fhir "
+                   "(default: FACESYM_FHIR_PATIENT_IDENTIFIER_SYSTEM, else IssuerOfPatientID if a URI/OID)")
 
     ph = sub.add_parser("phantom", help="synthesise a clip with known per-side motion (for validation)")
     ph.add_argument("out", help="output file (.mp4 or .dcm); the ground truth JSON goes beside it")
@@ -145,6 +150,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except UnreadableInputError as exc:
         console.print(f"[bold red]unreadable input:[/] {exc}")
         return EXIT_UNREADABLE
+    if args.fhir:
+        _write_fhir(args, doc)
     if args.json:
         text = json.dumps(doc, indent=2)
         if args.json == "-":
@@ -164,6 +171,42 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         for name, item in doc.get("static", {}).items():
             console.print(f"static {name}: left {item['left']:.3f} D, right {item['right']:.3f} D")
     return EXIT_OK
+
+
+def _write_fhir(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    """The Bundle the service would send for this one DICOM object (same builder, same identifiers)."""
+    from datetime import UTC, datetime
+
+    from service.config import load_settings
+    from service.engine import ENGINE_VERSION
+    from service.engine.pipeline import analyze_frames, analyze_photos
+    from service.media.decode import open_media
+    from service.media.dicom_io import dicom_summary, is_dicom
+    from service.report.fhir import build_bundle, study_identity_from_dicom
+    from service.report.sr import InstanceFinding, report_uids
+
+    if not is_dicom(args.path):
+        raise UnreadableInputError(
+            f"--fhir needs a DICOM object (the identity comes from its header): {args.path}"
+        )
+    summary = dicom_summary(args.path)
+    source = open_media(args.path)
+    if source.info.kind == "image":
+        analysis = analyze_photos(next(iter(source.frames())).rgb, None, args.task)
+    else:
+        analysis = analyze_frames(source.frames(), source.info.fps, args.task)
+    frames = summary.get("number_of_frames")
+    finding = InstanceFinding(summary["sop_class_uid"], summary["sop_instance_uid"],
+                              int(frames) if frames else None, analysis)
+    settings = load_settings()
+    bundle = build_bundle(
+        study_identity_from_dicom(args.path), [finding],
+        sr_sop_instance_uid=report_uids([summary["sop_instance_uid"]], ENGINE_VERSION)[1],
+        engine_version=ENGINE_VERSION, issued=datetime.now(UTC),
+        patient_identifier_system=args.patient_system or settings.fhir_patient_identifier_system,
+        reference_mode=settings.fhir_reference_mode,  # type: ignore[arg-type]
+    )
+    Path(args.fhir).write_text(json.dumps(bundle, indent=2, ensure_ascii=False) + "\n")
 
 
 def _default_face() -> Path:

@@ -70,10 +70,35 @@ class Settings:
     retry_max_seconds: float = 600.0
     task_rules: tuple[tuple[str, str], ...] = field(default=DEFAULT_TASK_RULES)
     log_level: str = "INFO"
+    fhir_base_url: str = ""  # FHIR server to POST transaction Bundles to; empty: none
+    fhir_token: str = ""  # bearer token for it
+    fhir_token_file: str = ""  # or a file holding the token (preferred: keeps it out of the environment)
+    fhir_client_cert: str = ""  # mTLS client certificate (PEM) ...
+    fhir_client_key: str = ""  # ... and its key
+    fhir_ca_file: str = ""  # CA bundle for the server; empty: the system trust store
+    fhir_timeout_seconds: float = 30.0
+    fhir_drop_dir: str = ""  # also (or instead) write each Bundle here as <identifier>.json
+    fhir_patient_identifier_system: str = ""  # empty: IssuerOfPatientID when it is a URI or an OID
+    fhir_reference_mode: str = "conditional"  # "conditional" (by identifier) or "logical"
 
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'facesym.db').resolve()}"
+
+    @property
+    def fhir_targets(self) -> tuple[str, ...]:
+        """Delivery destinations for the FHIR Bundle: ``fhir:<base url>`` and/or ``fhir-drop:<folder>``."""
+        targets = []
+        if self.fhir_base_url:
+            targets.append(f"fhir:{self.fhir_base_url}")
+        if self.fhir_drop_dir:
+            targets.append(f"fhir-drop:{self.fhir_drop_dir}")
+        return tuple(targets)
+
+    def read_fhir_token(self) -> str | None:
+        if self.fhir_token_file:
+            return Path(self.fhir_token_file).read_text().strip() or None
+        return self.fhir_token or None
 
     @property
     def files_dir(self) -> Path:
@@ -84,6 +109,12 @@ class Settings:
             raise InvalidParameterError(f"ae_title must be 1–16 printable characters, got {self.ae_title!r}")
         if not 0 < self.dicom_port < 65536:
             raise InvalidParameterError(f"dicom_port must be 1–65535, got {self.dicom_port}")
+        if self.fhir_reference_mode not in ("conditional", "logical"):
+            raise InvalidParameterError(
+                f"fhir_reference_mode must be conditional or logical, got {self.fhir_reference_mode!r}"
+            )
+        if bool(self.fhir_client_cert) != bool(self.fhir_client_key):
+            raise InvalidParameterError("fhir_client_cert and fhir_client_key must be set together")
         if self.duplicate_policy not in ("version", "reject"):
             raise InvalidParameterError(
                 f"duplicate_policy must be version or reject, got {self.duplicate_policy!r}"

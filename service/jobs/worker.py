@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Destination, Settings
 from service.dicom.scu import DeliveryError, send_files
+from service.errors import InvalidParameterError
 from service.jobs.analysis import InstanceAnalysis, InstanceInput, analyse_study
 from service.jobs.rules import assign_task
 from service.report.jsonout import analysis_dict
@@ -182,6 +184,7 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
             ctx.engine_version,
         )
         docs = [_result_doc(r) for r in results]
+        fhir_error = _write_bundle(ctx, Path(sr_path), sr_uid, results[0].source.path, findings, started)
     except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker; retried, then FAILED
         return _retry_or_fail(ctx, job_id, f"{type(exc).__name__}: {exc}")
 
@@ -200,18 +203,47 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
         job.sr_path = str(Path(sr_path).relative_to(ctx.files.root))
         job.sr_sop_instance_uid = sr_uid
         job.result_json = json.dumps(docs)
-        existing = {d.destination for d in job.deliveries}
-        for dest in ctx.settings.destinations:
-            if str(dest) not in existing:
-                s.add(Delivery(job_pk=job.id, destination=str(dest), next_run_at=started))
-            else:
-                for d in job.deliveries:
-                    if d.destination == str(dest):
-                        d.state, d.attempts, d.next_run_at, d.last_error = (
-                            DeliveryState.PENDING, 0, started, ""
-                        )
+        rows = {d.destination: d for d in job.deliveries}
+        for target in [str(d) for d in ctx.settings.destinations] + list(ctx.settings.fhir_targets):
+            # A Bundle that could not be built is a FAILED delivery with the reason, never sent.
+            failed = target.startswith("fhir") and fhir_error
+            state = DeliveryState.FAILED if failed else DeliveryState.PENDING
+            d = rows.get(target) or Delivery(job_pk=job.id, destination=target)
+            d.state, d.attempts, d.next_run_at, d.last_error = state, 0, started, fhir_error if failed else ""
+            s.add(d)
     log.info("job %d: reported as SR %s", job_id, sr_uid)
     return JobState.REPORTED
+
+
+def bundle_path(sr_path: Path) -> Path:
+    """Where the FHIR Bundle of a report lives: beside its SR."""
+    return sr_path.with_suffix(".fhir.json")
+
+
+def _write_bundle(
+    ctx: WorkerContext, sr_path: Path, sr_uid: str, source: Path, findings: list[Any], issued: datetime
+) -> str:
+    """Build, validate and store the study's FHIR Bundle beside the SR. Returns "" or why it could not be
+    built (for instance no patient identifier system): the SR still goes out, the FHIR delivery FAILS."""
+    if not ctx.settings.fhir_targets:
+        return ""
+    from service.report.fhir import build_bundle, study_identity_from_dicom
+
+    try:
+        bundle = build_bundle(
+            study_identity_from_dicom(source), findings, sr_sop_instance_uid=sr_uid,
+            engine_version=ctx.engine_version, issued=issued,
+            patient_identifier_system=ctx.settings.fhir_patient_identifier_system,
+            reference_mode=ctx.settings.fhir_reference_mode,  # type: ignore[arg-type]
+        )
+    except InvalidParameterError as exc:
+        log.error("FHIR Bundle for SR %s not built: %s", sr_uid, exc)
+        return f"FHIR Bundle not built: {exc}"
+    path = bundle_path(sr_path)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(bundle, ensure_ascii=False))
+    tmp.replace(path)
+    return ""
 
 
 def _result_doc(r: InstanceAnalysis) -> dict[str, object]:
@@ -260,11 +292,14 @@ def deliver_due(ctx: WorkerContext, now: datetime | None = None) -> int:
         ).all()
     sent = 0
     for delivery_id, destination, sr_path, job_id in due:
-        error = ""
+        error, final, wait = "", False, 0.0
         try:
-            send_files(Destination.parse(destination), [ctx.files.abspath(sr_path)], ctx.settings.ae_title)
+            _send(ctx, destination, ctx.files.abspath(sr_path))
         except (DeliveryError, OSError, ValueError, RuntimeError) as exc:
             error = str(exc) or type(exc).__name__
+            # Refused for good (an invalid Bundle, 4xx): FAILED with the reason; anything else waits.
+            final = getattr(exc, "retryable", True) is False or isinstance(exc, InvalidParameterError)
+            wait = float(getattr(exc, "retry_after", None) or 0.0)
         with ctx.sessions.begin() as s:
             d = s.get(Delivery, delivery_id)
             assert d is not None
@@ -272,13 +307,39 @@ def deliver_due(ctx: WorkerContext, now: datetime | None = None) -> int:
             if not error:
                 d.state, d.delivered_at, d.last_error = DeliveryState.DELIVERED, utcnow(), ""
                 sent += 1
-                log.info("job %d: report delivered to %s", job_id, destination)
+                log.info("job %d: report delivered to %s", job_id, _redact(destination))
+            elif final:
+                d.state, d.last_error = DeliveryState.FAILED, error
+                log.error("job %d: delivery to %s FAILED: %s", job_id, _redact(destination), error)
             else:
                 d.last_error = error
-                d.next_run_at = utcnow() + backoff(ctx.settings, d.attempts)
+                d.next_run_at = utcnow() + max(backoff(ctx.settings, d.attempts), timedelta(seconds=wait))
                 log.warning("job %d: delivery to %s failed (attempt %d, retry at %s): %s",
-                            job_id, destination, d.attempts, d.next_run_at, error)
+                            job_id, _redact(destination), d.attempts, d.next_run_at, error)
             job = s.get(Job, job_id)
             if job and job.deliveries and all(x.state == DeliveryState.DELIVERED for x in job.deliveries):
                 job.state = JobState.DELIVERED
     return sent
+
+
+def _redact(destination: str) -> str:
+    """A destination for the log: a FHIR URL without any user:password part."""
+    return re.sub(r"//[^/@]*@", "//***@", destination)
+
+
+def _send(ctx: WorkerContext, destination: str, sr_file: Path) -> None:
+    """One delivery attempt: DICOM C-STORE of the SR, or the FHIR Bundle beside it (POST or drop folder)."""
+    if destination.startswith(("fhir:", "fhir-drop:")):
+        from service.fhir_client import post_bundle, write_bundle
+
+        bundle = json.loads(bundle_path(sr_file).read_text())
+        kind, _, target = destination.partition(":")
+        if kind == "fhir-drop":
+            write_bundle(bundle, target)
+            return
+        st = ctx.settings
+        cert = (st.fhir_client_cert, st.fhir_client_key) if st.fhir_client_cert else None
+        post_bundle(bundle, base_url=target, token=st.read_fhir_token(), client_cert=cert,
+                    ca_file=st.fhir_ca_file or None, timeout=st.fhir_timeout_seconds)
+        return
+    send_files(Destination.parse(destination), [sr_file], ctx.settings.ae_title)
