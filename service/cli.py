@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the DICOM service: storage SCP, scheduler and workers")
     sv.add_argument("--config", help="TOML settings file (FACESYM_* environment variables override it)")
 
+    au = sub.add_parser("audit", help="the audit trail: verify its hash chain, export records")
+    au_sub = au.add_subparsers(dest="audit_command", required=True)
+    av = au_sub.add_parser("verify", help="check the chain; names the first broken record (exit 1)")
+    av.add_argument("--config", help="TOML settings file (the trail is found as serve finds it)")
+    ax = au_sub.add_parser("export", help="print records as JSON lines or DICOM audit XML")
+    ax.add_argument("--config", help="TOML settings file")
+    ax.add_argument("--since", help="ISO date/time: only records from then on")
+    ax.add_argument("--format", choices=["jsonl", "xml"], default="jsonl")
+
     dm = sub.add_parser("demo", help="send a phantom exam to FaceSym over DICOM and print the SR's scores")
     dm.add_argument("--config", help="TOML settings file (where FaceSym listens)")
     dm.add_argument(
@@ -256,6 +265,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from service.audit.commands import export_command, verify_command
+    from service.config import load_settings
+
+    settings = load_settings(args.config)
+    if args.audit_command == "verify":
+        return verify_command(settings)
+    return export_command(settings, args.since, args.format)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from service.config import load_settings
     from service.demo import run_demo
@@ -283,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"analyze": cmd_analyze, "phantom": cmd_phantom, "serve": cmd_serve, "demo": cmd_demo}
+    handlers = {
+        "analyze": cmd_analyze, "phantom": cmd_phantom, "serve": cmd_serve, "demo": cmd_demo,
+        "audit": cmd_audit,
+    }
     try:
         return handlers[args.command](args)
     except UnreadableInputError as exc:

@@ -80,6 +80,12 @@ class Settings:
     fhir_drop_dir: str = ""  # also (or instead) write each Bundle here as <identifier>.json
     fhir_patient_identifier_system: str = ""  # empty: IssuerOfPatientID when it is a URI or an OID
     fhir_reference_mode: str = "conditional"  # "conditional" (by identifier) or "logical"
+    audit_syslog_host: str = ""  # audit repository (RFC 5424 syslog over TLS, RFC 5425); empty: none
+    audit_syslog_port: int = 6514
+    audit_syslog_ca_file: str = ""  # CA of the repository's certificate; empty: the system CAs
+    audit_syslog_client_cert: str = ""  # optional client certificate (mutual TLS) ...
+    audit_syslog_client_key: str = ""  # ... and its key
+    audit_source_id: str = ""  # AuditSourceID in every record; empty: facesym@<hostname>
 
     @property
     def effective_database_url(self) -> str:
@@ -107,8 +113,13 @@ class Settings:
     def validate(self) -> Settings:
         if not _AE.match(self.ae_title):
             raise InvalidParameterError(f"ae_title must be 1–16 printable characters, got {self.ae_title!r}")
-        if not 0 < self.dicom_port < 65536:
-            raise InvalidParameterError(f"dicom_port must be 1–65535, got {self.dicom_port}")
+        for name in ("dicom_port", "audit_syslog_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise InvalidParameterError(f"{name} must be 1–65535, got {getattr(self, name)}")
+        if bool(self.audit_syslog_client_cert) != bool(self.audit_syslog_client_key):
+            raise InvalidParameterError(
+                "audit_syslog_client_cert and audit_syslog_client_key must be set together"
+            )
         if self.fhir_reference_mode not in ("conditional", "logical"):
             raise InvalidParameterError(
                 f"fhir_reference_mode must be conditional or logical, got {self.fhir_reference_mode!r}"

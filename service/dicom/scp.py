@@ -31,6 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
+from service.audit import AuditTrail, security_alert
 from service.config import Settings
 from service.dicom import status
 from service.store.files import FileStore
@@ -92,6 +93,7 @@ class StoreContext:
     sessions: sessionmaker
     files: FileStore
     engine_version: str
+    audit: AuditTrail | None = None
 
 
 def build_ae(settings: Settings) -> AE:
@@ -112,7 +114,11 @@ def build_ae(settings: Settings) -> AE:
 
 
 def start_scp(
-    settings: Settings, sessions: sessionmaker, files: FileStore, engine_version: str
+    settings: Settings,
+    sessions: sessionmaker,
+    files: FileStore,
+    engine_version: str,
+    audit: AuditTrail | None = None,
 ) -> ThreadedAssociationServer:
     """Start the SCP in background threads on ``(settings.dicom_host, settings.dicom_port)``.
 
@@ -120,12 +126,13 @@ def start_scp(
     """
     files.clean_incoming()
     ae = build_ae(settings)
-    ctx = StoreContext(settings, sessions, files, engine_version)
+    ctx = StoreContext(settings, sessions, files, engine_version, audit)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_ACCEPTED, _log_accepted),
-        (evt.EVT_REJECTED, _log_rejected),
+        (evt.EVT_REJECTED, _log_rejected, [ctx]),
         (evt.EVT_ABORTED, _log_aborted),
+        (evt.EVT_CONN_CLOSE, _audit_closed, [ctx]),
     ]
     server = ae.start_server((settings.dicom_host, settings.dicom_port), block=False, evt_handlers=handlers)
     assert server is not None  # block=False always returns the server
@@ -178,6 +185,7 @@ def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
             sop_uid,
             _peer(event),
         )
+        _audit_stored(ctx, event, "", False)
         return _status(status.OUT_OF_RESOURCES, "disk reserve reached")
     try:
         try:
@@ -200,11 +208,26 @@ def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
     except (OSError, SQLAlchemyError) as exc:
         log.error("could not store SOP Instance %s from %s: %s", sop_uid, _peer(event), type(exc).__name__)
         log.debug("storage failure", exc_info=True)
+        _audit_stored(ctx, event, "", False)
         return _status(status.OUT_OF_RESOURCES, f"storage unavailable ({type(exc).__name__})")
     except Exception:
         log.exception("unexpected failure storing SOP Instance %s from %s", sop_uid, _peer(event))
+        _audit_stored(ctx, event, "", False)
         return _status(status.PROCESSING_FAILURE, "processing failure")
+    _audit_stored(ctx, event, result.study_uid, result.outcome != "rejected")
     return _answer(result)
+
+
+def _audit_stored(ctx: StoreContext, event: Event, study_uid: str, ok: bool) -> None:
+    """One 110104 per study and association is written when the association closes (PS3.15 A.5.3.2)."""
+    if ctx.audit is not None:
+        req = cast(C_STORE, event.request)
+        ctx.audit.transfers.stored(event.assoc, study_uid, str(req.AffectedSOPClassUID or ""), ok=ok)
+
+
+def _audit_closed(event: Event, ctx: StoreContext) -> None:
+    if ctx.audit is not None:
+        ctx.audit.transfers.closed(event.assoc)
 
 
 def _answer(result: IngestResult) -> int | Dataset:
@@ -217,9 +240,13 @@ def _log_accepted(event: Event) -> None:
     log.info("association accepted from %s (called AE %s)", _peer(event), event.assoc.acceptor.ae_title)
 
 
-def _log_rejected(event: Event) -> None:
+def _log_rejected(event: Event, ctx: StoreContext) -> None:
     # Audit-worthy: a peer not in the calling-AE allow-list, too many associations, no usable context.
     log.warning("association rejected from %s", _peer(event))
+    if ctx.audit is not None:
+        req = event.assoc.requestor
+        ctx.audit.record(security_alert("association_rejected", req.ae_title, req.address,
+                                        local_ae=ctx.settings.ae_title))
 
 
 def _log_aborted(event: Event) -> None:

@@ -11,11 +11,13 @@ import os
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from service.audit import AuditTrail, SyslogForwarder, application_activity, forwarder_from_settings
 from service.config import Settings
 from service.engine import ENGINE_VERSION
 from service.jobs.analysis import analyse_study
@@ -45,10 +47,12 @@ class FaceSymService:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.sessions = open_database(settings.effective_database_url)
         self.files = FileStore(settings.files_dir)
+        self.audit = AuditTrail(self.sessions, source_id=settings.audit_source_id)
         self.ctx = WorkerContext(
             settings, self.sessions, self.files, ENGINE_VERSION, f"{socket.gethostname()}:{os.getpid()}",
-            analyser,
+            analyser, self.audit,
         )
+        self._forwarder: SyslogForwarder | None = None
         self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="facesym-worker")
         self._slots = threading.BoundedSemaphore(settings.workers)
         self._scheduler = BackgroundScheduler(timezone=UTC)
@@ -57,8 +61,13 @@ class FaceSymService:
     def start(self) -> None:
         from service.dicom.scp import start_scp
 
+        ae = self.settings.ae_title
+        self._forwarder = forwarder_from_settings(self.audit, self.settings)
+        self.audit.record(application_activity("start", local_ae=ae))
+        self.audit.note_settings({f.name: getattr(self.settings, f.name) for f in fields(self.settings)},
+                                 local_ae=ae)
         recover_interrupted(self.sessions)
-        self._scp = start_scp(self.settings, self.sessions, self.files, ENGINE_VERSION)
+        self._scp = start_scp(self.settings, self.sessions, self.files, ENGINE_VERSION, self.audit)
         every = max(0.1, self.settings.poll_seconds)
         now = datetime.now(UTC)
         self._scheduler.add_job(self._dispatch, "interval", seconds=every, max_instances=1, coalesce=True,
@@ -98,4 +107,7 @@ class FaceSymService:
         if self._scp is not None:
             self._scp.shutdown()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.audit.record(application_activity("stop", local_ae=self.settings.ae_title))
+        if self._forwarder is not None:
+            self._forwarder.stop(timeout=5)
         log.info("FaceSym stopped")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,6 +21,15 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.audit import (
+    MINOR_FAILURE,
+    SERIOUS_FAILURE,
+    SUCCESS,
+    AuditEvent,
+    AuditTrail,
+    analysis_event,
+    export,
+)
 from service.config import Destination, Settings
 from service.dicom.scu import DeliveryError, send_files
 from service.errors import InvalidParameterError
@@ -42,6 +52,11 @@ class WorkerContext:
     engine_version: str
     worker_id: str
     analyser: Analyser = analyse_study
+    audit: AuditTrail | None = None
+
+    def audit_record(self, event: AuditEvent) -> None:
+        if self.audit is not None:
+            self.audit.record(event)
 
 
 def backoff(settings: Settings, attempts: int) -> timedelta:
@@ -167,6 +182,9 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
         received_before = _aware(study.last_received_at)
         inputs = _inputs(s, ctx.files, study, ctx.settings.task_rules)
     log.info("job %d: analysing study %s (%d instances)", job_id, study_uid, len(inputs))
+    ae = ctx.settings.ae_title
+    ctx.audit_record(analysis_event("begun", job_id, study_uid, local_ae=ae,
+                                    sop_classes=Counter(i.sop_class_uid for i in inputs)))
     try:
         if not inputs:
             raise RuntimeError("study has no instances")
@@ -186,32 +204,43 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
         docs = [_result_doc(r) for r in results]
         fhir_error = _write_bundle(ctx, Path(sr_path), sr_uid, results[0].source.path, findings, started)
     except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker; retried, then FAILED
-        return _retry_or_fail(ctx, job_id, f"{type(exc).__name__}: {exc}")
+        reason = f"{type(exc).__name__}: {exc}"
+        state = _retry_or_fail(ctx, job_id, reason)
+        outcome = SERIOUS_FAILURE if state is JobState.FAILED else MINOR_FAILURE
+        ctx.audit_record(analysis_event("finished", job_id, study_uid, outcome, reason, local_ae=ae))
+        return state
 
     with ctx.sessions.begin() as s:
         job = s.get(Job, job_id)
         study = s.get(Study, job.study_pk) if job else None
         if job is None or study is None:
             return JobState.FAILED
-        if _aware(study.last_received_at) > received_before:
+        new_data = _aware(study.last_received_at) > received_before
+        if new_data:
             job.state, job.claimed_by = JobState.RECEIVED, ""
-            log.info(
-                "job %d: new instances arrived while running; waiting for the study to be quiet again", job_id
-            )
-            return JobState.RECEIVED
-        job.state, job.reason, job.claimed_by = JobState.REPORTED, "", ""
-        job.sr_path = str(Path(sr_path).relative_to(ctx.files.root))
-        job.sr_sop_instance_uid = sr_uid
-        job.result_json = json.dumps(docs)
-        rows = {d.destination: d for d in job.deliveries}
-        for target in [str(d) for d in ctx.settings.destinations] + list(ctx.settings.fhir_targets):
-            # A Bundle that could not be built is a FAILED delivery with the reason, never sent.
-            failed = target.startswith("fhir") and fhir_error
-            state = DeliveryState.FAILED if failed else DeliveryState.PENDING
-            d = rows.get(target) or Delivery(job_pk=job.id, destination=target)
-            d.state, d.attempts, d.next_run_at, d.last_error = state, 0, started, fhir_error if failed else ""
-            s.add(d)
+        else:
+            job.state, job.reason, job.claimed_by = JobState.REPORTED, "", ""
+            job.sr_path = str(Path(sr_path).relative_to(ctx.files.root))
+            job.sr_sop_instance_uid = sr_uid
+            job.result_json = json.dumps(docs)
+            rows = {d.destination: d for d in job.deliveries}
+            for target in [str(d) for d in ctx.settings.destinations] + list(ctx.settings.fhir_targets):
+                # A Bundle that could not be built is a FAILED delivery with the reason, never sent.
+                failed = target.startswith("fhir") and fhir_error
+                d = rows.get(target) or Delivery(job_pk=job.id, destination=target)
+                d.state = DeliveryState.FAILED if failed else DeliveryState.PENDING
+                d.attempts, d.next_run_at = 0, started
+                d.last_error = fhir_error if failed else ""
+                s.add(d)
+    if new_data:
+        log.info("job %d: new instances arrived while running; waiting for the study to be quiet again",
+                 job_id)
+        ctx.audit_record(
+            analysis_event("finished", job_id, study_uid, MINOR_FAILURE, "new instances arrived", local_ae=ae)
+        )
+        return JobState.RECEIVED
     log.info("job %d: reported as SR %s", job_id, sr_uid)
+    ctx.audit_record(analysis_event("finished", job_id, study_uid, sr_uid=sr_uid, local_ae=ae))
     return JobState.REPORTED
 
 
@@ -282,8 +311,10 @@ def deliver_due(ctx: WorkerContext, now: datetime | None = None) -> int:
     now = now or utcnow()
     with ctx.sessions() as s:
         due = s.execute(
-            select(Delivery.id, Delivery.destination, Job.sr_path, Job.id)
+            select(Delivery.id, Delivery.destination, Job.sr_path, Job.id, Study.study_uid,
+                   Job.sr_sop_instance_uid)
             .join(Job, Delivery.job_pk == Job.id)
+            .join(Study, Job.study_pk == Study.id)
             .where(
                 Delivery.state == DeliveryState.PENDING,
                 Delivery.next_run_at <= now,
@@ -291,7 +322,7 @@ def deliver_due(ctx: WorkerContext, now: datetime | None = None) -> int:
             )
         ).all()
     sent = 0
-    for delivery_id, destination, sr_path, job_id in due:
+    for delivery_id, destination, sr_path, job_id, study_uid, sr_uid in due:
         error, final, wait = "", False, 0.0
         try:
             _send(ctx, destination, ctx.files.abspath(sr_path))
@@ -319,6 +350,7 @@ def deliver_due(ctx: WorkerContext, now: datetime | None = None) -> int:
             job = s.get(Job, job_id)
             if job and job.deliveries and all(x.state == DeliveryState.DELIVERED for x in job.deliveries):
                 job.state = JobState.DELIVERED
+        ctx.audit_record(_export_event(ctx, destination, study_uid, sr_uid, error))
     return sent
 
 
@@ -343,3 +375,14 @@ def _send(ctx: WorkerContext, destination: str, sr_file: Path) -> None:
                     ca_file=st.fhir_ca_file or None, timeout=st.fhir_timeout_seconds)
         return
     send_files(Destination.parse(destination), [sr_file], ctx.settings.ae_title)
+
+
+def _export_event(
+    ctx: WorkerContext, destination: str, study_uid: str, sr_uid: str, error: str
+) -> AuditEvent:
+    """110104 (SR by DICOM) or 110106 Export (FHIR Bundle) for one delivery attempt."""
+    kind, _, target = destination.partition(":")
+    what = "FHIR" if kind in ("fhir", "fhir-drop") else "SR"
+    where = (f"file://{target}" if kind == "fhir-drop" else target) if what == "FHIR" else destination
+    return export(study_uid, _redact(where), what, SERIOUS_FAILURE if error else SUCCESS,  # type: ignore[arg-type]
+                  report_uid=sr_uid, description=error, local_ae=ctx.settings.ae_title)

@@ -177,3 +177,23 @@ def open_database(url: str) -> sessionmaker:
     engine = make_engine(url)
     Base.metadata.create_all(engine)
     return sessionmaker(engine, expire_on_commit=False)
+
+
+class AuditRecord(Base):
+    """One audit message (PS3.15 A.5 XML) in the append-only, hash-chained audit trail (service.audit).
+
+    ``hash`` = SHA-256 hex of ``prev_hash`` + ``seq|time|event_id|outcome|xml`` (UTF-8); the first record's
+    ``prev_hash`` is 64 zeros. ``time`` is kept as canonical ISO text (UTC, microseconds) so that every byte
+    is covered by the hash. ``forwarded`` (not hashed) is set once the record reached the syslog repository.
+    """
+
+    __tablename__ = "audit_record"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, unique=True)
+    time: Mapped[str] = mapped_column(String(32), index=True)
+    event_id: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[int] = mapped_column(Integer)
+    xml: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+    forwarded: Mapped[bool] = mapped_column(default=False, index=True)

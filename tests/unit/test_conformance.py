@@ -34,7 +34,9 @@ def test_accepted_sop_classes_and_syntaxes_match_the_statement() -> None:
     syntaxes = _table("Table 3.2-2:")
     for uid, ts in storage.items():
         assert ts == syntaxes, uid
-    uncompressed = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
+    uncompressed = {
+        "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"
+    }
     assert contexts["1.2.840.10008.1.1"] == uncompressed
 
 
