@@ -79,6 +79,17 @@ class Quality:
 
 
 @dataclass(frozen=True)
+class RegionSymmetry:
+    """Regional optical-flow symmetry of one region ("forehead", "eye", "cheek"): the motion VS of the
+    patient's left and right side (D/100 per frame) and the Symmetry Score SS in [0, 1]."""
+
+    region: str
+    left: float
+    right: float
+    symmetry_score: float
+
+
+@dataclass(frozen=True)
 class TaskResult:
     """The scores of one task (DESIGN.md, "Scores"). Magnitudes are per PATIENT side.
 
@@ -100,6 +111,7 @@ class TaskResult:
     weaker_side: Side | None
     method: str
     notes: tuple[str, ...] = ()
+    flow: tuple[RegionSymmetry, ...] = ()
 
     @property
     def unit(self) -> str:

@@ -8,13 +8,14 @@ measured on pixel motion under the landmarks where landmarks would hide a still 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from service.domain import Analysis, Frame, Quality, StaticItem, Task, TaskResult
 from service.engine import normalize as nz
 from service.engine import tasks as tk
+from service.engine.flow import FlowParams, regional_symmetry
 from service.engine.landmarks import FaceMeshDetector, TrackBuilder
 from service.engine.pixels import CropStore, align_to_reference, track_points
 from service.engine.quality import QualityLimits, assess
@@ -44,6 +45,8 @@ class EngineParams:
     crop_eye_distance_px: float = 64.0
     pixel_tracking: bool = True
     max_lost_pixel_fraction: float = 0.3
+    flow: FlowParams = field(default_factory=FlowParams)
+    regional_flow: bool = True
 
 
 def _landmark_pass(
@@ -187,6 +190,10 @@ def _analyze_track(
                 "no facial movement found: name the task (--task) to score a clip with little or no movement",
             )
     results = [_measure(seg, pts, norm, usable, crops, fps, params, photo_pair) for seg in segments]
+    if params.regional_flow and not photo_pair and crops.scale is not None:
+        # Two photos are not consecutive frames: optical flow is for clips only.
+        lm_crop = crops.to_crop(pts[..., :2])
+        results = [_with_flow(r, crops, lm_crop, fps, params) for r in results]
     return Analysis(quality, tuple(results))
 
 
@@ -254,6 +261,18 @@ def _task_signal(
     vl = vl - np.nanmean(c_l, axis=1, keepdims=True)
     vr = vr - np.nanmean(c_r, axis=1, keepdims=True)
     return tk.brow_signal(disp[:, :n], disp[:, n : 2 * n], c_l, c_r), vl, vr
+
+
+def _with_flow(
+    result: TaskResult, crops: CropStore, lm_crop: np.ndarray, fps: float, params: EngineParams
+) -> TaskResult:
+    """Add the regional optical-flow Symmetry Score over the task's rest → movement frames."""
+    try:
+        first, last = result.rest_frames[0], result.frames[1]
+        flow = regional_symmetry(crops.crops, lm_crop, first, last, params.flow, fps=fps)
+    except ValueError as exc:
+        return replace(result, notes=result.notes + (f"optical-flow symmetry not measured: {exc}",))
+    return replace(result, flow=flow)
 
 
 def _measure(

@@ -48,6 +48,19 @@ ASYMMETRY_SCORE = _local("FSY-AS", "Asymmetry score")
 COSINE_INDEX = _local("FSY-CI", "Cosine index")
 COSINE_SCORE = _local("FSY-CS", "Cosine score")
 
+#: Regional optical-flow symmetry (Taufique et al. 2019): per region, the motion VS of each side
+#: (laterality of a Face finding site, unit UNIT_FLOW) and the Symmetry Score SS (unit 1).
+FLOW_VS = {
+    "forehead": _local("FSY-VS-FH", "Forehead optical-flow motion"),
+    "eye": _local("FSY-VS-EYE", "Periocular optical-flow motion"),
+    "cheek": _local("FSY-VS-CHEEK", "Cheek and mouth optical-flow motion"),
+}
+FLOW_SS = {
+    "forehead": _local("FSY-SS-FH", "Forehead optical-flow symmetry score"),
+    "eye": _local("FSY-SS-EYE", "Periocular optical-flow symmetry score"),
+    "cheek": _local("FSY-SS-CHEEK", "Cheek and mouth optical-flow symmetry score"),
+}
+
 #: Static items of a rest photo (service.engine.pipeline.static_items), per side, in D.
 STATIC_ITEM = {
     "brow_height": _local("FSY-BROWHT", "Brow height at rest"),
@@ -92,6 +105,10 @@ UNIT_D = CodedConcept(value="{D}", scheme_designator="UCUM", meaning="inter-eye 
 UNIT_ONE = CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
 #: The 0-100 scores (asymmetry score, cosine score): a UCUM annotation, dimensionless.
 UNIT_SCORE = CodedConcept(value="{score}", scheme_designator="UCUM", meaning="score")
+#: Optical-flow motion VS: hundredths of the inter-eye distance per frame (at 30 frames/s).
+UNIT_FLOW = CodedConcept(
+    value="{D/100}/{fr}", scheme_designator="UCUM", meaning="inter-eye distance/100 per frame"
+)
 
 
 def magnitude_unit(task: Task) -> CodedConcept:
@@ -110,6 +127,8 @@ ALL_LOCAL: tuple[CodedConcept, ...] = (
     ASYMMETRY_SCORE,
     COSINE_INDEX,
     COSINE_SCORE,
+    *FLOW_VS.values(),
+    *FLOW_SS.values(),
     *STATIC_ITEM.values(),
     WEAKER_SIDE,
     NO_WEAKER_SIDE,

@@ -334,6 +334,13 @@ def _task_observation(
     ):
         number = _number(f"{where}.{attr}", getattr(task, attr))
         components.append(_component(_coding(concept), valueQuantity=_quantity(number, qunit)))
+    for k, region in enumerate(task.flow):
+        if region.region not in codes.FLOW_SS:
+            raise InvalidParameterError(f"{where}.flow[{k}].region must be one of {sorted(codes.FLOW_SS)}")
+        number = _number(f"{where}.flow[{k}].symmetry_score", region.symmetry_score)
+        components.append(
+            _component(_coding(codes.FLOW_SS[region.region]), valueQuantity=_quantity(number, codes.UNIT_ONE))
+        )
     components.append(
         _component(_coding(codes.INSUFFICIENT_ACTIVATION), valueBoolean=bool(task.insufficient_activation))
     )
@@ -628,6 +635,7 @@ def read_bundle(bundle: Mapping[str, Any] | Any) -> list[dict[str, Any]]:
         _key(codes.COSINE_SCORE): "cosine_score",
         _key(codes.ACTIVATION_GATE): "activation_gate",
     }
+    flow_ss = {_key(c): region for region, c in codes.FLOW_SS.items()}
     per_side: dict[tuple[str, str], tuple[str, str]] = {}
     for side, suffix in SIDE_SUFFIX.items():
         per_side[(CODE_SYSTEM, f"{codes.MAGNITUDE.value}{suffix}")] = ("magnitude", side.value)
@@ -663,6 +671,8 @@ def read_bundle(bundle: Mapping[str, Any] | Any) -> list[dict[str, Any]]:
                     static.setdefault(name, {"name": name, "left": None, "right": None})[side_name] = (
                         _quantity_value(comp)
                     )
+            elif ckey in flow_ss:
+                values.setdefault("flow", {})[flow_ss[ckey]] = _quantity_value(comp)
             elif ckey == _key(codes.INSUFFICIENT_ACTIVATION):
                 values["insufficient_activation"] = bool(comp.get("valueBoolean"))
             elif ckey == _key(codes.WEAKER_SIDE):
@@ -681,6 +691,7 @@ def read_bundle(bundle: Mapping[str, Any] | Any) -> list[dict[str, Any]]:
                 activation_gate=values.get("activation_gate"),
                 insufficient_activation=values.get("insufficient_activation"),
                 weaker_side=values.get("weaker_side"),
+                flow_symmetry_scores=values.get("flow", {}),
                 method=methods.get(_code_of(obs.get("method")) or ("", "")),
                 notes=notes,
                 warnings=warnings,

@@ -16,7 +16,7 @@ def _r(x: float) -> float:
 
 
 def task_dict(t: TaskResult) -> dict[str, Any]:
-    return {
+    doc: dict[str, Any] = {
         "task": t.task.value,
         "frames": list(t.frames),
         "rest_frames": list(t.rest_frames),
@@ -34,6 +34,14 @@ def task_dict(t: TaskResult) -> dict[str, Any]:
         "method": t.method,
         "notes": list(t.notes),
     }
+    if t.flow:
+        doc["flow"] = {
+            "regions": {
+                r.region: {"left": _r(r.left), "right": _r(r.right), "symmetry_score": _r(r.symmetry_score)}
+                for r in t.flow
+            }
+        }
+    return doc
 
 
 def analysis_dict(

@@ -218,6 +218,19 @@ def _task_group(
         measurements.append(
             Measurement(name=name, value=_number(f"{where}.{key}", value), unit=unit, algorithm_id=algorithm)
         )
+    for k, region in enumerate(task.flow):
+        if region.region not in codes.FLOW_SS:
+            raise InvalidParameterError(
+                f"{where}.flow[{k}].region must be one of {sorted(codes.FLOW_SS)}, got {region.region!r}"
+            )
+        measurements += _side_measurements(
+            codes.FLOW_VS[region.region], region.left, region.right, codes.UNIT_FLOW, algorithm,
+            f"{where}.flow[{k}]",
+        )
+        measurements.append(Measurement(
+            name=codes.FLOW_SS[region.region], unit=codes.UNIT_ONE, algorithm_id=algorithm,
+            value=_number(f"{where}.flow[{k}].symmetry_score", region.symmetry_score),
+        ))
     weaker = codes.LATERALITY[task.weaker_side] if task.weaker_side else codes.NO_WEAKER_SIDE
     evaluations = [
         QualitativeEvaluation(codes.WEAKER_SIDE, weaker),
@@ -525,6 +538,11 @@ def _read_task(group: MeasurementsAndQualitativeEvaluations, task: Task, frames:
         "peak_frames": [min(frames) - 1, max(frames) - 1] if frames else None,
         "method": _lookup(codes.METHOD, group.method),
         "notes": _texts(group, codes.ANALYSIS_NOTE),
+        "flow": {
+            region: {**_per_side(group, codes.FLOW_VS[region]), "symmetry_score": ss}
+            for region in codes.FLOW_SS
+            if (ss := _one(group, codes.FLOW_SS[region])) is not None
+        },
     }
 
 

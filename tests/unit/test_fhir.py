@@ -18,7 +18,7 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from pydicom.uid import generate_uid
 
-from service.domain import Analysis, Quality, Side, StaticItem, Task, TaskResult
+from service.domain import Analysis, Quality, RegionSymmetry, Side, StaticItem, Task, TaskResult
 from service.errors import InvalidParameterError
 from service.fhir_client import write_bundle
 from service.media.dicom_io import build_video_photographic, build_vl_photograph, write_dicom
@@ -64,6 +64,7 @@ SMILE = TaskResult(
     weaker_side=Side.RIGHT,
     method="pixels",
     notes=("peak clipped at clip end",),
+    flow=(RegionSymmetry("forehead", 0.03, 0.02, 0.96), RegionSymmetry("cheek", 0.25, 0.06, 0.28)),
 )
 EYES = TaskResult(
     task=Task.EYE_CLOSURE,
@@ -238,6 +239,7 @@ def test_bundle_validates_with_r4b_and_round_trips(built: tuple) -> None:
         assert g["notes"] == list(want.notes)
         assert g["warnings"] == ["face lost in 3 frames"]
         assert g["unit"] == ("1" if want.task is Task.EYE_CLOSURE else "{D}")
+        assert g["flow_symmetry_scores"] == {r.region: r.symmetry_score for r in want.flow}
 
     (bad,) = [g for g in got if g["kind"] == "not_analysable"]
     assert bad["sop_instance_uid"] == findings[1].sop_instance_uid

@@ -12,7 +12,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from service.domain import Analysis, Quality, Side, StaticItem, Task, TaskResult
+from service.domain import Analysis, Quality, RegionSymmetry, Side, StaticItem, Task, TaskResult
 from service.errors import InvalidParameterError
 from service.media.dicom_io import build_video_photographic, build_vl_photograph
 from service.report import codes
@@ -37,6 +37,11 @@ SMILE = TaskResult(
     weaker_side=Side.RIGHT,
     method="pixels",
     notes=("peak clipped at clip end",),
+    flow=(
+        RegionSymmetry("forehead", 0.0368, 0.0241, 0.9518),
+        RegionSymmetry("eye", 0.0409, 0.0534, 0.9526),
+        RegionSymmetry("cheek", 0.2549, 0.0649, 0.278),
+    ),
 )
 BROW = TaskResult(
     task=Task.BROW_RAISE,
@@ -142,6 +147,12 @@ def test_round_trip_equals_the_input(written: Path, study: dict[str, Dataset]) -
     assert [t["task"] for t in video["tasks"]] == ["smile", "brow_raise"]
     _assert_task(video["tasks"][0], SMILE, list(SMILE.peak_frames))
     _assert_task(video["tasks"][1], BROW, list(BROW.peak_frames))
+    assert video["tasks"][0]["flow"] == {
+        r.region: {"left": pytest.approx(r.left), "right": pytest.approx(r.right),
+                   "symmetry_score": pytest.approx(r.symmetry_score)}
+        for r in SMILE.flow
+    }
+    assert video["tasks"][1]["flow"] == {}
     assert photo == {
         "sop_instance_uid": study["photo"].SOPInstanceUID,
         "quality_ok": False,
