@@ -112,6 +112,9 @@ class TaskResult:
     method: str
     notes: tuple[str, ...] = ()
     flow: tuple[RegionSymmetry, ...] = ()
+    #: The measured signal per frame, (left, right) in the task's unit, for frames rest_frames[0]..frames[1]
+    #: (NaN where not measured): what the motion plot draws.
+    series: tuple[tuple[float, float], ...] = ()
 
     @property
     def unit(self) -> str:

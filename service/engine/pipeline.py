@@ -353,4 +353,5 @@ def _measure(
         weaker_side=s.weaker_side,
         method=method,
         notes=tuple(notes),
+        series=tuple((float(a), float(b)) for a, b in sig[: end - lo + 1]),
     )
