@@ -48,29 +48,47 @@ def main(out_dir: Path) -> int:
     with tempfile.TemporaryDirectory(prefix="facesym-evidence-") as tmp_name:
         tmp = Path(tmp_name)
         face = phantom.load_face(ROOT / "service/phantom/data/demo_face.jpg")
-        clip = phantom.render(face, phantom.PhantomSpec(motions=(phantom.TaskMotion(Task.SMILE, 0.25, 0.05),)))
-        ds = build_video_photographic(encode_mp4(clip.frames(), clip.fps), width=clip.width, height=clip.height,
-                                      n_frames=clip.n_frames, fps=clip.fps, series_description="Smile",
-                                      patient_id="PHANTOM-EVIDENCE")
+        clip = phantom.render(
+            face, phantom.PhantomSpec(motions=(phantom.TaskMotion(Task.SMILE, 0.25, 0.05),))
+        )
+        ds = build_video_photographic(
+            encode_mp4(clip.frames(), clip.fps),
+            width=clip.width,
+            height=clip.height,
+            n_frames=clip.n_frames,
+            fps=clip.fps,
+            series_description="Smile",
+            patient_id="PHANTOM-EVIDENCE",
+        )
         ds.IssuerOfPatientID = "1.2.826.0.1.3680043.10.999"
         video = write_dicom(ds, tmp / "smile.dcm")
         source = open_media(video)
         analysis = analyze_frames(source.frames(), source.info.fps)
-        finding = InstanceFinding(str(ds.SOPClassUID), str(ds.SOPInstanceUID), int(ds.NumberOfFrames), analysis)
+        finding = InstanceFinding(
+            str(ds.SOPClassUID), str(ds.SOPInstanceUID), int(ds.NumberOfFrames), analysis
+        )
 
         sr_path, sr_uid = write_report([video], [finding], tmp / "sr", ENGINE_VERSION)
         run = subprocess.run([dciodvfy, str(sr_path)], capture_output=True, text=True)
         (out_dir / "dciodvfy-sr.txt").write_text(
-            f"$ dciodvfy <FaceSym SR {sr_uid}>\n(exit {run.returncode})\n{run.stderr}{run.stdout}")
+            f"$ dciodvfy <FaceSym SR {sr_uid}>\n(exit {run.returncode})\n{run.stderr}{run.stdout}"
+        )
         shutil.copy(sr_path, out_dir / "sample-sr.dcm")
 
-        bundle = build_bundle(study_identity_from_dicom(video), [finding], sr_sop_instance_uid=sr_uid,
-                              engine_version=ENGINE_VERSION, patient_identifier_system="", issued=datetime.now(UTC))
+        bundle = build_bundle(
+            study_identity_from_dicom(video),
+            [finding],
+            sr_sop_instance_uid=sr_uid,
+            engine_version=ENGINE_VERSION,
+            patient_identifier_system="",
+            issued=datetime.now(UTC),
+        )
         validate_bundle(bundle)
         (out_dir / "sample-bundle.json").write_text(json.dumps(bundle, indent=1, ensure_ascii=False) + "\n")
         (out_dir / "fhir-validation.txt").write_text(
             "fhir.resources R4B Bundle.model_validate: OK\n"
-            f"entries: {len(bundle['entry'])}\nread back: {json.dumps(read_bundle(bundle), indent=1)}\n")
+            f"entries: {len(bundle['entry'])}\nread back: {json.dumps(read_bundle(bundle), indent=1)}\n"
+        )
 
         settings = Settings(data_dir=tmp / "var")
         settings.data_dir.mkdir()
