@@ -145,6 +145,8 @@ def _inputs(
     ).all()
     latest: dict[str, tuple[Instance, Series]] = {}
     for inst, series in rows:
+        if inst.facesym_output:
+            continue  # our own key images / PDF come back from the PACS: never analysed
         if inst.sop_instance_uid not in latest or inst.version > latest[inst.sop_instance_uid][0].version:
             latest[inst.sop_instance_uid] = (inst, series)
     items = sorted(
@@ -202,6 +204,7 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
             ctx.engine_version,
         )
         docs = [_result_doc(r) for r in results]
+        report_files = _report_objects(ctx, job_id, study_uid, results)
         fhir_error = _write_bundle(ctx, Path(sr_path), sr_uid, results[0].source.path, findings, started)
     except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker; retried, then FAILED
         reason = f"{type(exc).__name__}: {exc}"
@@ -222,6 +225,7 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
             job.state, job.reason, job.claimed_by = JobState.REPORTED, "", ""
             job.sr_path = str(Path(sr_path).relative_to(ctx.files.root))
             job.sr_sop_instance_uid = sr_uid
+            job.report_files = json.dumps([str(p.relative_to(ctx.files.root)) for p in report_files])
             job.result_json = json.dumps(docs)
             rows = {d.destination: d for d in job.deliveries}
             for target in [str(d) for d in ctx.settings.destinations] + list(ctx.settings.fhir_targets):
@@ -242,6 +246,25 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
     log.info("job %d: reported as SR %s", job_id, sr_uid)
     ctx.audit_record(analysis_event("finished", job_id, study_uid, sr_uid=sr_uid, local_ae=ae))
     return JobState.REPORTED
+
+
+def _report_objects(
+    ctx: WorkerContext, job_id: int, study_uid: str, results: list[InstanceAnalysis]
+) -> list[Path]:
+    """Key images (DICOM SC) and the PDF report (Encapsulated PDF) beside the SR. Pictures must never block
+    the numbers: a failure here is logged and the SR still goes out."""
+    from service.report.study_images import build_report_objects
+
+    try:
+        return build_report_objects(
+            [r.source.path for r in results],
+            [(r.source.sop_instance_uid, r.analysis, r.fps) for r in results],
+            engine_version=ctx.engine_version,
+            out_dir=ctx.files.abspath(f"reports/{study_uid}"),
+        )
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.exception("job %d: key images / PDF not built", job_id)
+        return []
 
 
 def bundle_path(sr_path: Path) -> Path:
@@ -312,7 +335,7 @@ def deliver_due(ctx: WorkerContext, now: datetime | None = None) -> int:
     with ctx.sessions() as s:
         due = s.execute(
             select(Delivery.id, Delivery.destination, Job.sr_path, Job.id, Study.study_uid,
-                   Job.sr_sop_instance_uid)
+                   Job.sr_sop_instance_uid, Job.report_files)
             .join(Job, Delivery.job_pk == Job.id)
             .join(Study, Job.study_pk == Study.id)
             .where(
@@ -322,10 +345,11 @@ def deliver_due(ctx: WorkerContext, now: datetime | None = None) -> int:
             )
         ).all()
     sent = 0
-    for delivery_id, destination, sr_path, job_id, study_uid, sr_uid in due:
+    for delivery_id, destination, sr_path, job_id, study_uid, sr_uid, report_files in due:
         error, final, wait = "", False, 0.0
         try:
-            _send(ctx, destination, ctx.files.abspath(sr_path))
+            extra = [ctx.files.abspath(p) for p in json.loads(report_files or "[]")]
+            _send(ctx, destination, ctx.files.abspath(sr_path), extra)
         except (DeliveryError, OSError, ValueError, RuntimeError) as exc:
             error = str(exc) or type(exc).__name__
             # Refused for good (an invalid Bundle, 4xx): FAILED with the reason; anything else waits.
@@ -359,8 +383,9 @@ def _redact(destination: str) -> str:
     return re.sub(r"//[^/@]*@", "//***@", destination)
 
 
-def _send(ctx: WorkerContext, destination: str, sr_file: Path) -> None:
-    """One delivery attempt: DICOM C-STORE of the SR, or the FHIR Bundle beside it (POST or drop folder)."""
+def _send(ctx: WorkerContext, destination: str, sr_file: Path, extra: list[Path]) -> None:
+    """One delivery attempt: DICOM C-STORE of the SR with the key images and PDF (``extra``), or the FHIR
+    Bundle beside the SR (POST or drop folder)."""
     if destination.startswith(("fhir:", "fhir-drop:")):
         from service.fhir_client import post_bundle, write_bundle
 
@@ -374,7 +399,7 @@ def _send(ctx: WorkerContext, destination: str, sr_file: Path) -> None:
         post_bundle(bundle, base_url=target, token=st.read_fhir_token(), client_cert=cert,
                     ca_file=st.fhir_ca_file or None, timeout=st.fhir_timeout_seconds)
         return
-    send_files(Destination.parse(destination), [sr_file], ctx.settings.ae_title)
+    send_files(Destination.parse(destination), [sr_file, *extra], ctx.settings.ae_title)
 
 
 def _export_event(

@@ -15,6 +15,11 @@ def _r(x: float) -> float:
     return round(float(x), 4)
 
 
+def _num(x: float) -> float | None:
+    """A JSON number, or null for NaN (JSON has no NaN)."""
+    return None if x != x else round(float(x), 5)
+
+
 def task_dict(t: TaskResult) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "task": t.task.value,
@@ -34,6 +39,9 @@ def task_dict(t: TaskResult) -> dict[str, Any]:
         "method": t.method,
         "notes": list(t.notes),
     }
+    if t.series:
+        # The measured signal per frame from rest_frames[0] on: [left, right] (null where not measured).
+        doc["series"] = [[_num(a), _num(b)] for a, b in t.series]
     if t.flow:
         doc["flow"] = {
             "regions": {

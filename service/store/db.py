@@ -109,6 +109,8 @@ class Instance(Base):
     size: Mapped[int] = mapped_column(Integer)
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: FaceSym's own output come back (key images, PDF): stored, never analysed.
+    facesym_output: Mapped[bool] = mapped_column(default=False)
     series: Mapped[Series] = relationship(back_populates="instances")
     __table_args__ = (UniqueConstraint("sop_instance_uid", "version", name="uq_instance_version"),)
 
@@ -129,6 +131,8 @@ class Job(Base):
     claimed_by: Mapped[str] = mapped_column(String(128), default="")
     sr_path: Mapped[str] = mapped_column(String(1024), default="")  # relative to the file store root
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    #: The report's other objects (key images, encapsulated PDF), relative paths as a JSON list.
+    report_files: Mapped[str] = mapped_column(Text, default="[]")
     result_json: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
@@ -197,3 +201,25 @@ class AuditRecord(Base):
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
     forwarded: Mapped[bool] = mapped_column(default=False, index=True)
+
+
+USER_ROLES = ("viewer", "operator", "admin")
+
+
+class User(Base):
+    """A local user of the web console and the REST API (service.users, ``facesym user add``).
+
+    ``password_hash`` is ``scrypt$N$r$p$<salt>$<key>`` (hashlib.scrypt, a per-user random salt, base64);
+    ``token_hash`` is the SHA-256 hex of the user's API token (the token itself is shown once, never
+    stored); ``session_epoch`` is part of every session cookie, so raising it (logout) ends all of the
+    user's sessions. ``role`` is one of USER_ROLES: viewer < operator (re-run, re-send) < admin (audit).
+    """
+
+    __tablename__ = "app_user"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(16), default="viewer")
+    token_hash: Mapped[str] = mapped_column(String(64), default="", index=True)
+    session_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

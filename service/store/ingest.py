@@ -356,8 +356,11 @@ def _transaction(
         version = kept[-1].version + 1 if kept else 1
         rel = instance_relpath(head.study_uid, head.series_uid, head.sop_uid, version)
 
+        # FaceSym's own reports (key images, PDF) coming back from a PACS that routes whole studies are
+        # kept, but they are not new data: they neither restart the quiet period nor reopen the job.
+        own = is_facesym_output(ds)
         patient = _upsert_patient(session, ds)
-        study = _upsert_study(session, ds, head.study_uid, patient, now)
+        study = _upsert_study(session, ds, head.study_uid, patient, now, touch=not own)
         series = _upsert_series(session, ds, head.series_uid, study)
         session.add(
             Instance(
@@ -374,9 +377,11 @@ def _transaction(
                 size=size,
                 calling_ae=(calling_ae or "").strip()[:16],
                 received_at=now,
+                facesym_output=own,
             )
         )
-        _touch_job(session, study, engine_version, now)
+        if not own:
+            _touch_job(session, study, engine_version, now)
         session.flush()  # constraint violations surface here, before any file moves
 
         target = files.place(tmp, rel)
@@ -427,7 +432,14 @@ def _upsert_patient(session: Session, ds: Dataset) -> Patient:
     return patient
 
 
-def _upsert_study(session: Session, ds: Dataset, study_uid: str, patient: Patient, now: datetime) -> Study:
+def is_facesym_output(ds: Dataset) -> bool:
+    """An object FaceSym itself made (its SR, key images or PDF): General Equipment Manufacturer "FaceSym"."""
+    return str(ds.get("Manufacturer", "")).strip() == "FaceSym"
+
+
+def _upsert_study(
+    session: Session, ds: Dataset, study_uid: str, patient: Patient, now: datetime, touch: bool = True
+) -> Study:
     fields = {
         "accession_number": _text(ds, "AccessionNumber", 16),
         "study_id": _text(ds, "StudyID", 16),
@@ -449,7 +461,8 @@ def _upsert_study(session: Session, ds: Dataset, study_uid: str, patient: Patien
     for name, value in fields.items():
         if value and not getattr(study, name):
             setattr(study, name, value)
-    study.last_received_at = now
+    if touch:
+        study.last_received_at = now
     return study
 
 
