@@ -433,8 +433,12 @@ def _upsert_patient(session: Session, ds: Dataset) -> Patient:
 
 
 def is_facesym_output(ds: Dataset) -> bool:
-    """An object FaceSym itself made (its SR, key images or PDF): General Equipment Manufacturer "FaceSym"."""
-    return str(ds.get("Manufacturer", "")).strip() == "FaceSym"
+    """An object FaceSym's report made (SR, key images, PDF): Manufacturer and Manufacturer's Model Name are
+    both "FaceSym". Phantom videos (model "FaceSym phantom") stand in for a camera and are analysed."""
+    return (
+        str(ds.get("Manufacturer", "")).strip() == "FaceSym"
+        and str(ds.get("ManufacturerModelName", "")).strip() == "FaceSym"
+    )
 
 
 def _upsert_study(

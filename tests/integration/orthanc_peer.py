@@ -39,12 +39,17 @@ function OnStableStudy(studyId, tags, metadata)
     local id = instance['ID']
     if not forwarded[id] then
       local sopClass = RestApiGet('/instances/' .. id .. '/metadata/SopClassUid')
-      if string.sub(sopClass, 1, string.len('%(sr)s')) ~= '%(sr)s' then
+      -- FaceSym's own objects (SR, key images, PDF) have Manufacturer's Model Name "FaceSym": never send
+      -- them back (phantom videos say "FaceSym phantom" and are forwarded like any camera's).
+      local ok, model = pcall(RestApiGet, '/instances/' .. id .. '/content/0008-1090')
+      if not ok then model = '' end
+      model = string.gsub(model, '%%s+$', '')
+      if string.sub(sopClass, 1, string.len('%(sr)s')) ~= '%(sr)s' and model ~= 'FaceSym' then
         table.insert(todo, id)
       end
     end
   end
-  print('stable study ' .. studyId .. ': ' .. #todo .. ' new non-SR instance(s)')
+  print('stable study ' .. studyId .. ': ' .. #todo .. ' new instance(s) to analyse')
   if #todo > 0 then
     print('forwarding ' .. #todo .. ' instance(s) of study ' .. studyId .. ' to %(name)s')
     RestApiPost('/modalities/%(name)s/store', DumpJson(todo, true))

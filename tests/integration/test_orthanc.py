@@ -20,6 +20,9 @@ from service.config import Destination, Settings
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
 ROOT = Path(__file__).resolve().parents[2]
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+VIDEO_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4.1"
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +94,18 @@ def test_orthanc_routes_study_to_facesym_and_gets_the_sr_back(
             # must not send the SR (or the video again) to FaceSym, and no second SR may appear.
             time.sleep(orthanc.stable_age + 4)
             instances = orthanc.study_instances(study_uid)
-            assert sorted(i.sop_class_uid == COMPREHENSIVE_SR for i in instances) == [False, True], instances
+            classes = sorted(i.sop_class_uid for i in instances)
+            # The video, one SR, the key images (key image, motion plot, flow overlay) and the PDF report.
+            assert classes.count(COMPREHENSIVE_SR) == 1, classes
+            assert classes.count(SECONDARY_CAPTURE) == 3, classes
+            assert classes.count(ENCAPSULATED_PDF) == 1, classes
+            assert classes.count(VIDEO_PHOTOGRAPHIC) == 1, classes
+            for i in instances:
+                if i.sop_class_uid in (SECONDARY_CAPTURE, ENCAPSULATED_PDF):
+                    obj = pydicom.dcmread(BytesIO(orthanc.download(i.id)))
+                    assert str(obj.StudyInstanceUID) == study_uid and obj.Manufacturer == "FaceSym"
             log = orthanc.log_tail(1_000_000)
-            assert log.count("Lua says: stable study ") == 2, log  # the upload, then FaceSym's SR
-            assert log.count("Lua says: forwarding ") == 1, log
+            assert log.count("Lua says: stable study ") >= 2, log  # the upload, then FaceSym's objects
+            assert log.count("Lua says: forwarding ") == 1, log  # never FaceSym's own objects
         finally:
             service.stop()
