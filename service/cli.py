@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the DICOM service: storage SCP, scheduler and workers")
     sv.add_argument("--config", help="TOML settings file (FACESYM_* environment variables override it)")
 
+    tr = sub.add_parser("train", help="train the deep grader (manifest CSV: path, task, grade[, patient_id])")
+    tr.add_argument("manifest", help="CSV of clips, DICOM objects or .npz landmark tracks with their grades")
+    tr.add_argument("--out", default="models", help="models folder (writes OUT/NAME/VERSION/)")
+    tr.add_argument("--name", default="facesym-grader")
+    tr.add_argument("--version", required=True, help="model version, e.g. 0.2.0 (never overwritten)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--epochs", type=int, default=12)
+    tr.add_argument("--folds", type=int, default=5, help="patient-grouped cross-validation folds")
+    tr.add_argument("--test", help="held-out test manifest (CSV) for the model card's metrics")
+
     au = sub.add_parser("audit", help="the audit trail: verify its hash chain, export records")
     au_sub = au.add_subparsers(dest="audit_command", required=True)
     av = au_sub.add_parser("verify", help="check the chain; names the first broken record (exit 1)")
@@ -265,6 +275,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from service.engine.grader.train import train
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True)) as progress:
+        bars: dict[str, Any] = {}
+
+        def tick(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = progress.add_task(stage, total=total)
+            progress.update(bars[stage], completed=done, total=total)
+
+        out = train(Path(args.manifest), Path(args.out), name=args.name, version=args.version, seed=args.seed,
+                    epochs=args.epochs, folds=args.folds, progress=tick,
+                    test_manifest=Path(args.test) if args.test else None)
+    _console().print(f"model written to {out} (weights, model card, metrics, SHA256SUMS)")
+    return EXIT_OK
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from service.audit.commands import export_command, verify_command
     from service.config import load_settings
@@ -304,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers = {
         "analyze": cmd_analyze, "phantom": cmd_phantom, "serve": cmd_serve, "demo": cmd_demo,
-        "audit": cmd_audit,
+        "audit": cmd_audit, "train": cmd_train,
     }
     try:
         return handlers[args.command](args)

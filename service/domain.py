@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -90,6 +90,49 @@ class RegionSymmetry:
 
 
 @dataclass(frozen=True)
+class GradeResult:
+    """One clip's grade.
+
+    Attributes
+    ----------
+    label
+        The most probable class (e.g. "III").
+    probabilities
+        Class → probability, in the model's class order (mildest first).
+    model_version, trained_on
+        Which model graded, and what it learnt from ("synthetic" for the shipped one).
+    attention
+        The stream-2 attention weights over the 96 resampled frames (sum 1): which frames mattered.
+    """
+
+    label: str
+    probabilities: dict[str, float]
+    model_version: str
+    trained_on: str
+    attention: list[float]
+
+    @property
+    def index(self) -> int:
+        """0-based position of :attr:`label` in the class list."""
+        return list(self.probabilities).index(self.label)
+
+    @property
+    def expected_index(self) -> float:
+        """Σ p_k · k over the classes: a continuous grade (0 = mildest class)."""
+        return float(sum(k * p for k, p in enumerate(self.probabilities.values())))
+
+    def to_json(self) -> dict[str, Any]:
+        """The CLI/report JSON: ``{"label", "probabilities", "model_version", "trained_on", "attention"}``."""
+        return {
+            "label": self.label,
+            "probabilities": dict(self.probabilities),
+            "model_version": self.model_version,
+            "trained_on": self.trained_on,
+            "attention": list(self.attention),
+        }
+
+
+@dataclass(frozen=True)
 class TaskResult:
     """The scores of one task (DESIGN.md, "Scores"). Magnitudes are per PATIENT side.
 
@@ -115,6 +158,8 @@ class TaskResult:
     #: The measured signal per frame, (left, right) in the task's unit, for frames rest_frames[0]..frames[1]
     #: (NaN where not measured): what the motion plot draws.
     series: tuple[tuple[float, float], ...] = ()
+    #: The deep grader's grade of this task's segment (None when no grader ran).
+    grade: GradeResult | None = None
 
     @property
     def unit(self) -> str:
@@ -146,3 +191,9 @@ class Analysis:
     quality: Quality
     tasks: tuple[TaskResult, ...]
     static: tuple[StaticItem, ...] = ()
+
+    @property
+    def grade(self) -> GradeResult | None:
+        """The study-level grade: the worst (highest expected class) of the tasks' grades."""
+        grades = [t.grade for t in self.tasks if t.grade is not None]
+        return max(grades, key=lambda g: g.expected_index) if grades else None

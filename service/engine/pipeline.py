@@ -7,8 +7,11 @@ measured on pixel motion under the landmarks where landmarks would hide a still 
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +25,7 @@ from service.engine.quality import QualityLimits, assess
 from service.engine.scores import GateThresholds, score_task
 from service.errors import NotAnalysableError
 
+log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 EYE_WINDOW_PX = 7
 
@@ -47,6 +51,8 @@ class EngineParams:
     max_lost_pixel_fraction: float = 0.3
     flow: FlowParams = field(default_factory=FlowParams)
     regional_flow: bool = True
+    grader: bool = True
+    grader_model_dir: str | None = None  # None: the model shipped in models/
 
 
 def _landmark_pass(
@@ -190,6 +196,8 @@ def _analyze_track(
                 "no facial movement found: name the task (--task) to score a clip with little or no movement",
             )
     results = [_measure(seg, pts, norm, usable, crops, fps, params, photo_pair) for seg in segments]
+    if params.grader and not photo_pair:
+        results = [_with_grade(r, norm, params) for r in results]
     if params.regional_flow and not photo_pair and crops.scale is not None:
         # Two photos are not consecutive frames: optical flow is for clips only.
         lm_crop = crops.to_crop(pts[..., :2])
@@ -261,6 +269,27 @@ def _task_signal(
     vl = vl - np.nanmean(c_l, axis=1, keepdims=True)
     vr = vr - np.nanmean(c_r, axis=1, keepdims=True)
     return tk.brow_signal(disp[:, :n], disp[:, n : 2 * n], c_l, c_r), vl, vr
+
+
+@functools.lru_cache(maxsize=4)
+def _grader(model_dir: str | None) -> Any:
+    from service.engine.grader import Grader
+
+    return Grader.load(model_dir)
+
+
+def _with_grade(result: TaskResult, norm: np.ndarray, params: EngineParams) -> TaskResult:
+    """The deep grader over the task's segment (rest → end). A missing or tampered model is a note, never
+    a crash and never a silent grade."""
+    from service.errors import FaceSymError
+
+    try:
+        grader = _grader(params.grader_model_dir)
+    except (FaceSymError, ImportError, OSError) as exc:
+        log.error("grader not available: %s", exc)
+        return replace(result, notes=result.notes + (f"grader not run: {exc}",))
+    grade = grader.predict(norm[result.rest_frames[0] : result.frames[1] + 1])
+    return replace(result, grade=grade)
 
 
 def _with_flow(

@@ -61,6 +61,12 @@ FLOW_SS = {
     "cheek": _local("FSY-SS-CHEEK", "Cheek and mouth optical-flow symmetry score"),
 }
 
+#: The deep grader's grade (House–Brackmann I–VI by default) and which model gave it (TEXT).
+GRADE = _local("FSY-GRADE", "Facial nerve function grade (deep grader)")
+GRADE_CLASS = {label: _local(f"FSY-HB-{label}", f"House-Brackmann grade {label}") for label in
+               ("I", "II", "III", "IV", "V", "VI")}
+GRADE_MODEL = _local("FSY-GRADEMODEL", "Grader model")
+
 #: Static items of a rest photo (service.engine.pipeline.static_items), per side, in D.
 STATIC_ITEM = {
     "brow_height": _local("FSY-BROWHT", "Brow height at rest"),
@@ -129,6 +135,9 @@ ALL_LOCAL: tuple[CodedConcept, ...] = (
     COSINE_SCORE,
     *FLOW_VS.values(),
     *FLOW_SS.values(),
+    GRADE,
+    *GRADE_CLASS.values(),
+    GRADE_MODEL,
     *STATIC_ITEM.values(),
     WEAKER_SIDE,
     NO_WEAKER_SIDE,

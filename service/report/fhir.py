@@ -346,8 +346,17 @@ def _task_observation(
     )
     weaker = codes.LATERALITY[task.weaker_side] if task.weaker_side else codes.NO_WEAKER_SIDE
     components.append(_component(_coding(codes.WEAKER_SIDE), valueCodeableConcept=_concept(_coding(weaker))))
+    extra_notes: tuple[str, ...] = ()
+    if task.grade is not None:
+        if task.grade.label not in codes.GRADE_CLASS:
+            raise InvalidParameterError(f"{where}.grade.label must be one of {list(codes.GRADE_CLASS)}")
+        grade_code = _concept(_coding(codes.GRADE_CLASS[task.grade.label]))
+        components.append(_component(_coding(codes.GRADE), valueCodeableConcept=grade_code))
+        from service.report.sr import grade_statement
+
+        extra_notes = (grade_statement(task.grade),)
     obs["component"] = components
-    notes = _notes(task.notes, finding.analysis.quality.warnings)
+    notes = _notes(task.notes + extra_notes, finding.analysis.quality.warnings)
     if notes:
         obs["note"] = notes
     return obs
@@ -673,6 +682,9 @@ def read_bundle(bundle: Mapping[str, Any] | Any) -> list[dict[str, Any]]:
                     )
             elif ckey in flow_ss:
                 values.setdefault("flow", {})[flow_ss[ckey]] = _quantity_value(comp)
+            elif ckey == _key(codes.GRADE):
+                grade_key = _code_of(comp.get("valueCodeableConcept")) or ("", "")
+                values["grade"] = {_key(c): label for label, c in codes.GRADE_CLASS.items()}.get(grade_key)
             elif ckey == _key(codes.INSUFFICIENT_ACTIVATION):
                 values["insufficient_activation"] = bool(comp.get("valueBoolean"))
             elif ckey == _key(codes.WEAKER_SIDE):
@@ -692,6 +704,7 @@ def read_bundle(bundle: Mapping[str, Any] | Any) -> list[dict[str, Any]]:
                 insufficient_activation=values.get("insufficient_activation"),
                 weaker_side=values.get("weaker_side"),
                 flow_symmetry_scores=values.get("flow", {}),
+                grade=values.get("grade"),
                 method=methods.get(_code_of(obs.get("method")) or ("", "")),
                 notes=notes,
                 warnings=warnings,

@@ -39,6 +39,8 @@ def task_dict(t: TaskResult) -> dict[str, Any]:
         "method": t.method,
         "notes": list(t.notes),
     }
+    if t.grade is not None:
+        doc["grade"] = {"label": t.grade.label, "expected_index": _r(t.grade.expected_index)}
     if t.series:
         # The measured signal per frame from rest_frames[0] on: [left, right] (null where not measured).
         doc["series"] = [[_num(a), _num(b)] for a, b in t.series]
@@ -75,6 +77,9 @@ def analysis_dict(
         },
         "tasks": [task_dict(t) for t in analysis.tasks],
     }
+    if analysis.grade is not None:
+        # The worst task's grade; every report that shows it says which model and what it learnt from.
+        doc["grade"] = analysis.grade.to_json()
     if extra_inputs:
         doc["input"]["expression_path"] = extra_inputs[0]
     if analysis.static:

@@ -239,6 +239,10 @@ def _task_group(
         ),
         QualitativeEvaluation(codes.ANALYSIS_QUALITY, codes.ANALYSABLE),
     ]
+    if task.grade is not None:
+        if task.grade.label not in codes.GRADE_CLASS:
+            raise InvalidParameterError(f"{where}.grade.label must be one of {list(codes.GRADE_CLASS)}")
+        evaluations.append(QualitativeEvaluation(codes.GRADE, codes.GRADE_CLASS[task.grade.label]))
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(
             finding.sop_instance_uid, task.task.value, f"FaceSym {task.task.value}"
@@ -252,7 +256,15 @@ def _task_group(
     )
     texts = [(codes.ANALYSIS_WARNING, w) for w in finding.analysis.quality.warnings]
     texts += [(codes.ANALYSIS_NOTE, n) for n in task.notes]
+    if task.grade is not None:
+        texts.append((codes.GRADE_MODEL, grade_statement(task.grade)))
     return _with_texts(group, texts)
+
+
+def grade_statement(grade: Any) -> str:
+    """What every report that shows a grade must say: which model, and what it learnt from."""
+    return (f"facesym-grader {grade.model_version}, trained on {grade.trained_on} data; "
+            "research use only, not a diagnosis")
 
 
 def _static_group(
@@ -538,6 +550,8 @@ def _read_task(group: MeasurementsAndQualitativeEvaluations, task: Task, frames:
         "peak_frames": [min(frames) - 1, max(frames) - 1] if frames else None,
         "method": _lookup(codes.METHOD, group.method),
         "notes": _texts(group, codes.ANALYSIS_NOTE),
+        "grade": _lookup(codes.GRADE_CLASS, _evaluation(group, codes.GRADE)),
+        "grade_model": next(iter(_texts(group, codes.GRADE_MODEL)), None),
         "flow": {
             region: {**_per_side(group, codes.FLOW_VS[region]), "symmetry_score": ss}
             for region in codes.FLOW_SS

@@ -12,7 +12,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from service.domain import Analysis, Quality, RegionSymmetry, Side, StaticItem, Task, TaskResult
+from service.domain import Analysis, GradeResult, Quality, RegionSymmetry, Side, StaticItem, Task, TaskResult
 from service.errors import InvalidParameterError
 from service.media.dicom_io import build_video_photographic, build_vl_photograph
 from service.report import codes
@@ -37,6 +37,8 @@ SMILE = TaskResult(
     weaker_side=Side.RIGHT,
     method="pixels",
     notes=("peak clipped at clip end",),
+    grade=GradeResult("IV", {"I": 0.05, "II": 0.05, "III": 0.1, "IV": 0.6, "V": 0.1, "VI": 0.1}, "0.1.0",
+                      "synthetic", [1 / 96] * 96),
     flow=(
         RegionSymmetry("forehead", 0.0368, 0.0241, 0.9518),
         RegionSymmetry("eye", 0.0409, 0.0534, 0.9526),
@@ -153,6 +155,8 @@ def test_round_trip_equals_the_input(written: Path, study: dict[str, Dataset]) -
         for r in SMILE.flow
     }
     assert video["tasks"][1]["flow"] == {}
+    assert video["tasks"][0]["grade"] == "IV" and video["tasks"][1]["grade"] is None
+    assert "trained on synthetic data" in video["tasks"][0]["grade_model"]
     assert photo == {
         "sop_instance_uid": study["photo"].SOPInstanceUID,
         "quality_ok": False,
