@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the DICOM service: storage SCP, scheduler and workers")
     sv.add_argument("--config", help="TOML settings file (FACESYM_* environment variables override it)")
 
+    rp = sub.add_parser("report", help="render an analysed study's PDF report offline")
+    rp.add_argument("study_uid", help="Study Instance UID of a study FaceSym has analysed")
+    rp.add_argument("--pdf", required=True, metavar="FILE", help="where to write the PDF")
+    rp.add_argument("--config", help="TOML settings file (the database is found as serve finds it)")
+
     tr = sub.add_parser("train", help="train the deep grader (manifest CSV: path, task, grade[, patient_id])")
     tr.add_argument("manifest", help="CSV of clips, DICOM objects or .npz landmark tracks with their grades")
     tr.add_argument("--out", default="models", help="models folder (writes OUT/NAME/VERSION/)")
@@ -275,6 +280,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from service.config import load_settings
+    from service.engine import ENGINE_VERSION
+    from service.report.study_images import analysis_from_dict, render_pdf_for_study
+    from service.store.db import Job, Study, open_database
+
+    settings = load_settings(args.config)
+    sessions = open_database(settings.effective_database_url)
+    with sessions() as s:
+        job = s.scalars(
+            select(Job).join(Study).where(Study.study_uid == args.study_uid, Job.result_json != "")
+            .order_by(Job.updated_at.desc())
+        ).first()
+    if job is None:
+        raise NotAnalysableError([f"study {args.study_uid} has no analysis in this FaceSym's database"])
+    docs = json.loads(job.result_json)
+    analyses = [(d["sop_instance_uid"], analysis_from_dict(d), float(d["input"]["fps"])) for d in docs]
+    render_pdf_for_study(
+        [Path(d["input"]["path"]) for d in docs], analyses,
+        engine_version=job.engine_version or ENGINE_VERSION, pdf_path=Path(args.pdf),
+        model_versions=sorted({g["model_version"] for d in docs if (g := d.get("grade"))}),
+    )
+    _console().print(f"wrote {args.pdf}")
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from service.engine.grader.train import train
 
@@ -333,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers = {
         "analyze": cmd_analyze, "phantom": cmd_phantom, "serve": cmd_serve, "demo": cmd_demo,
-        "audit": cmd_audit, "train": cmd_train,
+        "audit": cmd_audit, "train": cmd_train, "report": cmd_report,
     }
     try:
         return handlers[args.command](args)

@@ -261,6 +261,9 @@ def _report_objects(
             [(r.source.sop_instance_uid, r.analysis, r.fps) for r in results],
             engine_version=ctx.engine_version,
             out_dir=ctx.files.abspath(f"reports/{study_uid}"),
+            model_versions=sorted(
+                {t.grade.model_version for r in results for t in r.analysis.tasks if t.grade is not None}
+            ),
         )
     except Exception:  # noqa: BLE001 - see the docstring
         log.exception("job %d: key images / PDF not built", job_id)

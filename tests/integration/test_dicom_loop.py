@@ -77,6 +77,16 @@ def test_study_in_sr_out_same_numbers_as_cli(exam: tuple[str, Path], tmp_path: P
         assert task["task"] == "smile" and task["weaker_side"] == "left"
         for key in ("asymmetry_index", "asymmetry_score", "cosine_score", "activation_gate"):
             assert task[key] == pytest.approx(cli[key], abs=0.01), key
+        # The PDF report renders offline from the stored result (facesym report).
+        from service.cli import main
+
+        pdf = tmp_path / "report.pdf"
+        os.environ["FACESYM_DATA_DIR"] = str(service.settings.data_dir)
+        try:
+            assert main(["report", study_uid, "--pdf", str(pdf)]) == 0
+        finally:
+            del os.environ["FACESYM_DATA_DIR"]
+        assert pdf.read_bytes().startswith(b"%PDF")
         # The same study again: identical bytes are a duplicate, no new job, no second SR.
         send([path], "127.0.0.1", service.settings.dicom_port, "FACESYM")
         time.sleep(3)
