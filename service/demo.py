@@ -56,6 +56,8 @@ class Receiver:
         self._cond = threading.Condition()
         ae = AE(ae_title=ae_title)
         ae.add_supported_context(ComprehensiveSRStorage)
+        ae.add_supported_context("1.2.840.10008.5.1.4.1.1.7")  # key images (Secondary Capture)
+        ae.add_supported_context("1.2.840.10008.5.1.4.1.1.104.1")  # PDF report (Encapsulated PDF)
         ae.add_supported_context(Verification)
 
         def on_store(event: Any) -> int:
@@ -74,11 +76,17 @@ class Receiver:
         self.server = server
         self.port = self.server.server_address[1]
 
+    @property
+    def reports(self) -> list[Any]:
+        """The SRs received (key images and PDFs are in ``received`` too)."""
+        return [ds for ds in self.received if ds.SOPClassUID == ComprehensiveSRStorage]
+
     def wait_for(self, study_uid: str, timeout: float) -> Any | None:
+        """The SR of ``study_uid`` once it has arrived, else None after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for ds in self.received:
+                for ds in self.reports:
                     if ds.StudyInstanceUID == study_uid:
                         return ds
                 left = deadline - time.monotonic()

@@ -20,25 +20,37 @@ class DeliveryError(Exception):
 
 
 def send_files(
-    destination: Destination, paths: Sequence[Path], calling_ae: str, timeout: float = 30.0
+    destination: Destination,
+    paths: Sequence[Path],
+    calling_ae: str,
+    timeout: float = 30.0,
+    optional: Sequence[Path] = (),
 ) -> None:
-    """C-STORE every file in ``paths`` to ``destination`` in one association.
+    """C-STORE every file in ``paths`` (then ``optional``) to ``destination`` in one association.
 
     Raises DeliveryError unless every object got a success (0x0000) or warning (0xB000–0xBFFF) status.
+    ``optional`` objects (key images, PDF) whose SOP class the peer refused at negotiation are skipped with
+    a warning: a destination that takes only SR still gets the numbers.
     """
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     datasets = [dcmread(p) for p in paths]
+    extras = [dcmread(p) for p in optional]
     # Propose each object's own transfer syntax plus the two every PACS accepts. Not pynetdicom's default
     # list: a peer that picks Deflated would get a file that some viewers and validators cannot read.
-    for uid in sorted({str(ds.SOPClassUID) for ds in datasets}):
-        own = {str(ds.file_meta.TransferSyntaxUID) for ds in datasets if ds.SOPClassUID == uid}
+    for uid in sorted({str(ds.SOPClassUID) for ds in datasets + extras}):
+        own = {str(ds.file_meta.TransferSyntaxUID) for ds in datasets + extras if ds.SOPClassUID == uid}
         ae.add_requested_context(uid, sorted(own | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         raise DeliveryError(
             f"association with {destination} was not established (refused, aborted or unreachable)"
         )
+    accepted = {c.abstract_syntax for c in assoc.accepted_contexts}
+    for ds in extras:
+        if ds.SOPClassUID not in accepted:
+            log.warning("%s does not accept %s: %s not sent", destination, ds.SOPClassUID, ds.SOPInstanceUID)
+    datasets += [ds for ds in extras if ds.SOPClassUID in accepted]
     try:
         for ds in datasets:
             status = assoc.send_c_store(ds)

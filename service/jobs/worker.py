@@ -402,7 +402,7 @@ def _send(ctx: WorkerContext, destination: str, sr_file: Path, extra: list[Path]
         post_bundle(bundle, base_url=target, token=st.read_fhir_token(), client_cert=cert,
                     ca_file=st.fhir_ca_file or None, timeout=st.fhir_timeout_seconds)
         return
-    send_files(Destination.parse(destination), [sr_file, *extra], ctx.settings.ae_title)
+    send_files(Destination.parse(destination), [sr_file], ctx.settings.ae_title, optional=extra)
 
 
 def _export_event(

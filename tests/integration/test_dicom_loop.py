@@ -90,7 +90,7 @@ def test_study_in_sr_out_same_numbers_as_cli(exam: tuple[str, Path], tmp_path: P
         # The same study again: identical bytes are a duplicate, no new job, no second SR.
         send([path], "127.0.0.1", service.settings.dicom_port, "FACESYM")
         time.sleep(3)
-        assert len({ds.SOPInstanceUID for ds in receiver.received}) == 1
+        assert len({ds.SOPInstanceUID for ds in receiver.reports}) == 1
     finally:
         service.stop()
         receiver.stop()
@@ -189,7 +189,7 @@ def test_sigkill_then_restart_delivers_exactly_one_sr(
         assert receiver.wait_for(study_uid, 180) is not None, (tmp_path / "serve.log").read_text()[-2000:]
         _wait(lambda: _job_state(tmp_path) == "DELIVERED", 30, "job DELIVERED")
         time.sleep(2)
-        assert len({ds.SOPInstanceUID for ds in receiver.received}) == 1
+        assert len({ds.SOPInstanceUID for ds in receiver.reports}) == 1
     finally:
         proc.terminate()
         proc.wait(20)
