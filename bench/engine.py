@@ -12,13 +12,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service import phantom  # noqa: E402
 from service.domain import Task  # noqa: E402
 from service.engine.landmarks import FaceMeshDetector  # noqa: E402
-from service.engine.pipeline import analyze_frames  # noqa: E402
+from service.engine.pipeline import EngineParams, analyze_frames  # noqa: E402
 from service.media.decode import open_media  # noqa: E402
 from service.media.prefetch import prefetch  # noqa: E402
 
@@ -56,16 +58,29 @@ def main() -> None:
                 det.detect(frame.rgb)
         rows.append(("decode + FaceMesh (2 threads)", n, time.perf_counter() - t))
 
+        # A service loads torch and the grader once per process: measured apart, not per clip.
+        t = time.perf_counter()
+        from service.engine.pipeline import _grader
+
+        _grader(None).predict(np.zeros((96, 478, 2)))
+        startup_s = time.perf_counter() - t
+
         t = time.perf_counter()
         analysis = analyze_frames(prefetch(open_media(clip).frames()), info.fps)
-        rows.append(("full analysis (auto task)", n, time.perf_counter() - t))
+        rows.append(("full analysis (auto, flow, grader)", n, time.perf_counter() - t))
+
+        t = time.perf_counter()
+        analyze_frames(prefetch(open_media(clip).frames()), info.fps,
+                       params=EngineParams(grader=False, regional_flow=False))
+        rows.append(("  without flow and grader", n, time.perf_counter() - t))
 
     print(f"clip: {info.width}x{info.height}, {n} frames, {info.fps:g} fps ({n / info.fps:.1f} s)")
     print(f"{'stage':34} {'frames':>6} {'seconds':>8} {'frames/s':>9}")
     for name, frames, secs in rows:
         print(f"{name:34} {frames:6d} {secs:8.2f} {frames / secs:9.1f}")
-    full, mesh = rows[-1][2], rows[-2][2]
-    print(f"full / (decode + FaceMesh) time: {full / mesh:.2f}x;  peak RSS: {rss_mb():.0f} MB")
+    full, mesh = rows[-2][2], rows[-3][2]
+    print(f"full / (decode + FaceMesh) time: {full / mesh:.2f}x;  peak RSS: {rss_mb():.0f} MB;  "
+          f"one-time torch + grader start-up: {startup_s:.2f} s")
     print("tasks found:", ", ".join(f"{r.task.value} AI={r.asymmetry_index:.2f}" for r in analysis.tasks))
 
 

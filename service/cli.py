@@ -75,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--pdf", required=True, metavar="FILE", help="where to write the PDF")
     rp.add_argument("--config", help="TOML settings file (the database is found as serve finds it)")
 
+    us = sub.add_parser("user", help="local users of the web console and the REST API")
+    us_sub = us.add_subparsers(dest="user_command", required=True)
+    ua = us_sub.add_parser("add", help="create a user (password asked for, or read from --password-file)")
+    ua.add_argument("username")
+    ua.add_argument("--role", choices=["viewer", "operator", "admin"], default="viewer")
+    ua.add_argument("--password-file", help="read the password from this file instead of asking")
+    ua.add_argument("--update", action="store_true", help="change an existing user's password and role")
+    ua.add_argument("--config", help="TOML settings file")
+    ut = us_sub.add_parser("token", help="issue a new API token for a user (printed once)")
+    ut.add_argument("username")
+    ut.add_argument("--config", help="TOML settings file")
+    ul = us_sub.add_parser("list", help="list users and roles")
+    ul.add_argument("--config", help="TOML settings file")
+
     tr = sub.add_parser("train", help="train the deep grader (manifest CSV: path, task, grade[, patient_id])")
     tr.add_argument("manifest", help="CSV of clips, DICOM objects or .npz landmark tracks with their grades")
     tr.add_argument("--out", default="models", help="models folder (writes OUT/NAME/VERSION/)")
@@ -308,6 +322,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_user(args: argparse.Namespace) -> int:
+    import getpass
+
+    from service.config import load_settings
+    from service.users import add_user, issue_token, list_users
+
+    settings = load_settings(args.config)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if args.user_command == "add":
+        if args.password_file:
+            password = Path(args.password_file).read_text().rstrip("\n")
+        else:
+            password = getpass.getpass(f"password for {args.username}: ")
+            if password != getpass.getpass("again: "):
+                _console().print("[bold red]error:[/] the passwords differ")
+                return 1
+        add_user(settings, args.username, password, args.role, update=args.update)
+        _console().print(f"user {args.username} ({args.role}) saved")
+    elif args.user_command == "token":
+        print(issue_token(settings, args.username))
+    else:
+        for name, role, has_token in list_users(settings):
+            print(f"{name}\t{role}\t{'token' if has_token else ''}")
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from service.engine.grader.train import train
 
@@ -367,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "analyze": cmd_analyze, "phantom": cmd_phantom, "serve": cmd_serve, "demo": cmd_demo,
         "audit": cmd_audit, "train": cmd_train, "report": cmd_report,
+        "user": cmd_user,
     }
     try:
         return handlers[args.command](args)

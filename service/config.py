@@ -86,6 +86,10 @@ class Settings:
     audit_syslog_client_cert: str = ""  # optional client certificate (mutual TLS) ...
     audit_syslog_client_key: str = ""  # ... and its key
     audit_source_id: str = ""  # AuditSourceID in every record; empty: facesym@<hostname>
+    web_host: str = "127.0.0.1"  # web console and REST API
+    web_port: int = 8080  # 0: no web console
+    web_secret_key_file: str = ""  # session-signing key; empty: <data_dir>/web_secret.key
+    web_session_hours: float = 8.0
 
     @property
     def effective_database_url(self) -> str:
@@ -116,6 +120,8 @@ class Settings:
         for name in ("dicom_port", "audit_syslog_port"):
             if not 0 < getattr(self, name) < 65536:
                 raise InvalidParameterError(f"{name} must be 1–65535, got {getattr(self, name)}")
+        if not 0 <= self.web_port < 65536:
+            raise InvalidParameterError(f"web_port must be 0 (off) or 1–65535, got {self.web_port}")
         if bool(self.audit_syslog_client_cert) != bool(self.audit_syslog_client_key):
             raise InvalidParameterError(
                 "audit_syslog_client_cert and audit_syslog_client_key must be set together"

@@ -143,7 +143,7 @@ def run_demo(settings: Settings, receiver_port: int = 0, timeout: float = 300.0)
 
             tmp = Path(tempfile.mkdtemp(prefix="facesym-demo-"))
             embedded = replace(
-                settings, data_dir=tmp, database_url="", quiet_seconds=2.0, poll_seconds=0.5,
+                settings, data_dir=tmp, database_url="", quiet_seconds=2.0, poll_seconds=0.5, web_port=0,
                 destinations=(Destination(DEMO_AE, "127.0.0.1", receiver.port),),
             )
             service = FaceSymService(embedded)

@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -53,6 +53,7 @@ class FaceSymService:
             analyser, self.audit,
         )
         self._forwarder: SyslogForwarder | None = None
+        self._web: Any = None
         self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="facesym-worker")
         self._slots = threading.BoundedSemaphore(settings.workers)
         self._scheduler = BackgroundScheduler(timezone=UTC)
@@ -68,6 +69,11 @@ class FaceSymService:
                                  local_ae=ae)
         recover_interrupted(self.sessions)
         self._scp = start_scp(self.settings, self.sessions, self.files, ENGINE_VERSION, self.audit)
+        if self.settings.web_port:
+            from service.api import ServiceHooks, start_web
+
+            hooks = ServiceHooks(engine_version=ENGINE_VERSION)
+            self._web = start_web(self.settings, self.sessions, self.audit, hooks)
         every = max(0.1, self.settings.poll_seconds)
         now = datetime.now(UTC)
         self._scheduler.add_job(self._dispatch, "interval", seconds=every, max_instances=1, coalesce=True,
@@ -103,6 +109,8 @@ class FaceSymService:
             log.exception("delivery tick failed")
 
     def stop(self) -> None:
+        if self._web is not None:
+            self._web.stop()
         self._scheduler.shutdown(wait=False)
         if self._scp is not None:
             self._scp.shutdown()

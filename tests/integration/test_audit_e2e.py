@@ -60,7 +60,7 @@ def test_audit_trail_of_a_study(tmp_path: Path, caplog: pytest.LogCaptureFixture
     receiver = Receiver(0)
     with fhir_server(ehr) as base_url:
         settings = replace(
-            Settings(), data_dir=tmp_path / "var", dicom_port=free_port(), quiet_seconds=1.0,
+            Settings(), web_port=0, data_dir=tmp_path / "var", dicom_port=free_port(), quiet_seconds=1.0,
             poll_seconds=0.2, fhir_base_url=base_url, fhir_token=TOKEN,
             fhir_patient_identifier_system=PATIENT_SYSTEM,
             destinations=(Destination("FACESYM_DEMO", "127.0.0.1", receiver.port),),

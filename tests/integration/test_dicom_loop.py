@@ -44,7 +44,7 @@ def exam(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
 
 
 def _settings(tmp: Path, dest: Destination) -> Settings:
-    return replace(Settings(), data_dir=tmp / "var", dicom_port=free_port(), quiet_seconds=1.0,
+    return replace(Settings(), web_port=0, data_dir=tmp / "var", dicom_port=free_port(), quiet_seconds=1.0,
                    poll_seconds=0.2, destinations=(dest,), retry_base_seconds=0.5, retry_max_seconds=2.0)
 
 
@@ -147,7 +147,8 @@ def test_destination_down_delays_but_never_loses(exam: tuple[str, Path], tmp_pat
 
 def _serve(tmp: Path, port: int, dest: str, quiet: float = 1.0) -> subprocess.Popen[bytes]:
     env = dict(os.environ, FACESYM_DATA_DIR=str(tmp / "var"), FACESYM_DICOM_PORT=str(port),
-               FACESYM_DESTINATIONS=dest, FACESYM_QUIET_SECONDS=str(quiet), FACESYM_POLL_SECONDS="0.2")
+               FACESYM_DESTINATIONS=dest, FACESYM_QUIET_SECONDS=str(quiet),
+               FACESYM_WEB_PORT="0", FACESYM_POLL_SECONDS="0.2")
     return subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "ab"))
 

@@ -44,7 +44,7 @@ def test_sr_and_fhir_delivered_once_despite_a_503(exam: tuple[str, Path], tmp_pa
     receiver = Receiver(0)
     with fhir_server(ehr) as base_url:
         settings = replace(
-            Settings(), data_dir=tmp_path / "var", dicom_port=free_port(), quiet_seconds=1.0,
+            Settings(), web_port=0, data_dir=tmp_path / "var", dicom_port=free_port(), quiet_seconds=1.0,
             poll_seconds=0.2, retry_base_seconds=0.5, retry_max_seconds=1.0, fhir_base_url=base_url,
             fhir_patient_identifier_system=PATIENT_SYSTEM, fhir_token=TOKEN,
             destinations=(Destination("FACESYM_DEMO", "127.0.0.1", receiver.port),),

@@ -66,6 +66,7 @@ def test_orthanc_routes_study_to_facesym_and_gets_the_sr_back(
     with OrthancPeer(forward_to=("FACESYM", "127.0.0.1", facesym_port)) as orthanc:
         settings = replace(
             Settings(),
+            web_port=0,
             data_dir=tmp_path / "var",
             dicom_port=facesym_port,
             quiet_seconds=1.0,
