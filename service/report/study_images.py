@@ -300,7 +300,23 @@ def build_report_objects(
                                     model_versions=model_versions)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _write_pngs(objects.figures, out_dir / "figures")
     return [write_dicom(ds, out_dir / f"{ds.SOPInstanceUID}.dcm") for ds in objects.datasets]
+
+
+def _write_pngs(figures: Mapping[tuple[str, Task], list[np.ndarray]], folder: Path) -> None:
+    """The same figures as PNG files for the web console: ``<n>-<task>-key|motion|flow.png``."""
+    from service.report.figures import png_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    kinds = ("key", "motion", "flow")
+    ordered = sorted(figures.items(), key=lambda kv: (kv[0][0], kv[0][1].value))
+    for n, ((_, task), images) in enumerate(ordered):
+        for kind, rgb in zip(kinds, images, strict=False):
+            path = folder / f"{n}-{task.value}-{kind}.png"
+            tmp = path.with_name(path.name + ".part")
+            tmp.write_bytes(png_bytes(rgb))
+            tmp.replace(path)
 
 
 def render_pdf_for_study(
