@@ -221,7 +221,9 @@ def test_dcmtk_storescu_to_facesym_to_storescp(exam: tuple[str, Path], tmp_path:
         assert run.returncode == 0, run.stderr
         # storescp writes as it receives: the file is whole once FaceSym got the C-STORE response.
         _wait(lambda: _job_state(tmp_path) == "DELIVERED", 180, "the SR delivered to storescp")
-        (sr_file,) = [p for p in recv_dir.iterdir() if p.is_file()]
+        # storescp names files by modality: SR…, SC… (key images), PDF… (the report).
+        (sr_file,) = [p for p in recv_dir.iterdir() if p.is_file() and p.name.startswith("SR")]
+        assert len([p for p in recv_dir.iterdir() if p.name.startswith("SC")]) == 3
         check = subprocess.run([dciodvfy, str(sr_file)], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
         xml = subprocess.run([dsr2xml, str(sr_file)], capture_output=True, text=True)
