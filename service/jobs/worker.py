@@ -264,10 +264,37 @@ def _report_objects(
             model_versions=sorted(
                 {t.grade.model_version for r in results for t in r.analysis.tasks if t.grade is not None}
             ),
+            comparison=_prior_studies(ctx, study_uid),
         )
     except Exception:  # noqa: BLE001 - see the docstring
         log.exception("job %d: key images / PDF not built", job_id)
         return []
+
+
+def _prior_studies(ctx: WorkerContext, study_uid: str) -> list[Any]:
+    """The same patient's other analysed studies (same Patient row: PatientID + issuer + name), with each
+    task's Asymmetry Score, for the report's before/after comparison."""
+    from service.report.pdf import PriorStudy
+
+    priors = []
+    with ctx.sessions() as s:
+        study = s.scalar(select(Study).where(Study.study_uid == study_uid))
+        if study is None:
+            return []
+        rows = s.execute(
+            select(Study, Job.result_json).join(Job, Job.study_pk == Study.id).where(
+                Study.patient_pk == study.patient_pk, Study.id != study.id, Job.result_json != "",
+                Job.state.in_([JobState.REPORTED, JobState.DELIVERED]),
+            )
+        ).all()
+        for other, result_json in rows:
+            scores: dict[str, float] = {}
+            for doc in json.loads(result_json):
+                for task in doc.get("tasks", []):
+                    scores.setdefault(task["task"], float(task["asymmetry_score"]))
+            if scores:
+                priors.append(PriorStudy(other.study_date, other.study_description, scores))
+    return priors
 
 
 def bundle_path(sr_path: Path) -> Path:

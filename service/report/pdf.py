@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import matplotlib
 import numpy as np
@@ -206,6 +207,38 @@ def _quality(w: _Writer, findings: Sequence[tuple[str, Analysis]]) -> None:
                 w.wrapped(f"{TASK_TITLE[task.task]}: {note}", indent=0.25)
 
 
+@dataclass(frozen=True)
+class PriorStudy:
+    """An earlier analysed study of the same patient: its date (DICOM DA), label (StudyDescription, e.g.
+    "pre-op") and Asymmetry Score per task."""
+
+    date: str
+    label: str
+    asymmetry_scores: Mapping[str, float]
+
+
+def _comparison(w: _Writer, findings: Sequence[tuple[str, Analysis]], priors: Sequence[PriorStudy]) -> None:
+    """Before/after: each task's AS now against every earlier study (100 = symmetric)."""
+    if not priors:
+        return
+    now: dict[str, float] = {}
+    for _, analysis in findings:
+        for t in analysis.tasks:
+            now.setdefault(t.task.value, t.asymmetry_score)
+    w.space(0.15)
+    w.line("Comparison with earlier studies", size=12.5, weight="bold", gap=1.6)
+    for prior in sorted(priors, key=lambda p: p.date):
+        d = prior.date
+        when = f"{d[:4]}-{d[4:6]}-{d[6:]}" if len(d) == 8 and d.isdigit() else (d or "—")
+        parts = []
+        for task, before in prior.asymmetry_scores.items():
+            if task in now:
+                parts.append(f"{task.replace('_', ' ')} AS {before:.0f} → {now[task]:.0f} "
+                             f"({now[task] - before:+.0f})")
+        w.wrapped(f"{when} {prior.label or 'earlier study'}: " + ("; ".join(parts) or "no common task"))
+    w.wrapped("A positive change is a more symmetric face (100 = symmetric).", size=8, color="0.25")
+
+
 def _versions(w: _Writer, engine_version: str, model_versions: Sequence[str]) -> None:
     w.space(0.15)
     w.line("Versions", size=12.5, weight="bold", gap=1.6)
@@ -258,6 +291,7 @@ def render_pdf(
     study_date: str,
     engine_version: str,
     model_versions: Sequence[str] = (),
+    comparison: Sequence[PriorStudy] = (),
 ) -> bytes:
     """The study's report as PDF bytes (A4; page 1: scores, QC, versions; then the figures).
 
@@ -297,6 +331,7 @@ def render_pdf(
             _scores(w, findings)
             _static(w, findings)
             _quality(w, findings)
+            _comparison(w, findings, comparison)
             _versions(w, engine_version, model_versions)
             _figures(w, findings, figures_by_task)
             w.close_page()

@@ -24,7 +24,7 @@ from service.domain import Analysis, Quality, RegionSymmetry, Side, StaticItem, 
 from service.engine.scores import GateThresholds
 from service.errors import FaceSymError
 from service.report import figures as fg
-from service.report.pdf import render_pdf
+from service.report.pdf import PriorStudy, render_pdf
 from service.report.secondary import build_encapsulated_pdf, build_sc_images
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,7 @@ def render_report_objects(
     engine_version: str,
     gates: Mapping[Task, GateLike] | None = None,
     model_versions: Sequence[str] = (),
+    comparison: Sequence[PriorStudy] = (),
 ) -> ReportObjects:
     """The SC images and Encapsulated PDF of a study (not written) and the PDF bytes.
 
@@ -268,6 +269,7 @@ def render_report_objects(
         study_date=str(first.get("StudyDate", "") or ""),
         engine_version=engine_version,
         model_versions=model_versions,
+        comparison=comparison,
     )
     uids = [str(ds.SOPInstanceUID) for ds in headers]
     classes = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in headers}
@@ -288,6 +290,7 @@ def build_report_objects(
     out_dir: Path,
     gates: Mapping[Task, GateLike] | None = None,
     model_versions: Sequence[str] = (),
+    comparison: Sequence[PriorStudy] = (),
 ) -> list[Path]:
     """Build the study's SC images and Encapsulated PDF and write them under ``out_dir``.
 
@@ -297,7 +300,7 @@ def build_report_objects(
     from service.media.dicom_io import write_dicom
 
     objects = render_report_objects(source_paths, analyses, engine_version=engine_version, gates=gates,
-                                    model_versions=model_versions)
+                                    model_versions=model_versions, comparison=comparison)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_pngs(objects.figures, out_dir / "figures")
