@@ -205,7 +205,9 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
         )
         docs = [_result_doc(r) for r in results]
         report_files = _report_objects(ctx, job_id, study_uid, results)
-        fhir_error = _write_bundle(ctx, Path(sr_path), sr_uid, results[0].source.path, findings, started)
+        fhir_error = _write_bundle(
+            ctx, Path(sr_path), sr_uid, results[0].source.path, findings, started, study_uid
+        )
     except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker; retried, then FAILED
         reason = f"{type(exc).__name__}: {exc}"
         state = _retry_or_fail(ctx, job_id, reason)
@@ -303,7 +305,8 @@ def bundle_path(sr_path: Path) -> Path:
 
 
 def _write_bundle(
-    ctx: WorkerContext, sr_path: Path, sr_uid: str, source: Path, findings: list[Any], issued: datetime
+    ctx: WorkerContext, sr_path: Path, sr_uid: str, source: Path, findings: list[Any], issued: datetime,
+    study_uid: str = "",
 ) -> str:
     """Build, validate and store the study's FHIR Bundle beside the SR. Returns "" or why it could not be
     built (for instance no patient identifier system): the SR still goes out, the FHIR delivery FAILS."""
@@ -317,6 +320,7 @@ def _write_bundle(
             engine_version=ctx.engine_version, issued=issued,
             patient_identifier_system=ctx.settings.fhir_patient_identifier_system,
             reference_mode=ctx.settings.fhir_reference_mode,  # type: ignore[arg-type]
+            comparison=_prior_studies(ctx, study_uid),
         )
     except InvalidParameterError as exc:
         log.error("FHIR Bundle for SR %s not built: %s", sr_uid, exc)

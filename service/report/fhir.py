@@ -425,6 +425,23 @@ def _device(engine_version: str) -> dict[str, Any]:
     }
 
 
+def _comparison_text(findings: Sequence[InstanceFinding], priors: Sequence[Any]) -> str:
+    """" Compared with 2024-01-08 pre-op: smile AS 31 → 78 (+47)." for each earlier study of the patient."""
+    now: dict[str, float] = {}
+    for finding in findings:
+        for task in finding.analysis.tasks:
+            now.setdefault(task.task.value, task.asymmetry_score)
+    out = []
+    for prior in sorted(priors, key=lambda p: p.date):
+        d = prior.date
+        when = f"{d[:4]}-{d[4:6]}-{d[6:]}" if len(d) == 8 and d.isdigit() else d
+        changes = [f"{t.replace('_', ' ')} AS {b:.0f} → {now[t]:.0f} ({now[t] - b:+.0f})"
+                   for t, b in prior.asymmetry_scores.items() if t in now]
+        if changes:
+            out.append(f" Compared with {when} {prior.label}".rstrip() + ": " + "; ".join(changes) + ".")
+    return "".join(out)
+
+
 def _conclusion(findings: Sequence[InstanceFinding]) -> str:
     parts: list[str] = []
     for finding in findings:
@@ -452,6 +469,7 @@ def build_bundle(
     patient_identifier_system: str,
     issued: datetime,
     reference_mode: ReferenceMode = "conditional",
+    comparison: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """The study's results as a FHIR R4 transaction Bundle (plain JSON-ready dict, validated).
 
@@ -543,7 +561,7 @@ def build_bundle(
         "issued": issued_text,
         "result": [{"reference": e["fullUrl"], "type": "Observation"} for e in obs_entries],
         "imagingStudy": [ctx.imaging_study],
-        "conclusion": _conclusion(findings),
+        "conclusion": _conclusion(findings) + _comparison_text(findings, comparison),
     }
     accession = str(study.accession_number or "").strip()
     if accession:  # the order, by its accession number (logical reference: never needs resolving)

@@ -620,3 +620,16 @@ def test_profile_lists_every_code_we_send(built: tuple, study_files: dict[str, P
     for q in _walk(bundles, "valueQuantity"):
         assert f"`{q['code']}`" in text
     assert CODE_SYSTEM in text
+
+
+def test_conclusion_compares_with_earlier_studies(study_files: dict[str, Path]) -> None:
+    from service.report.pdf import PriorStudy
+
+    findings = _findings(study_files)
+    bundle = build_bundle(
+        study_identity_from_dicom(study_files["video"]), findings, sr_sop_instance_uid=_sr_uid(findings),
+        engine_version=ENGINE, patient_identifier_system="", issued=ISSUED,
+        comparison=[PriorStudy("20240108", "pre-op", {"smile": 14.0, "whistle": 50.0})],
+    )
+    (report,) = _resources(bundle, "DiagnosticReport")
+    assert "Compared with 2024-01-08 pre-op: smile AS 14 → 24 (+10)." in report["conclusion"]
