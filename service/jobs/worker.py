@@ -202,6 +202,7 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
             findings,
             ctx.files.abspath(f"reports/{study_uid}"),
             ctx.engine_version,
+            prior_reports=_prior_reports(ctx, study_uid),
         )
         docs = [_result_doc(r) for r in results]
         report_files = _report_objects(ctx, job_id, study_uid, results)
@@ -273,30 +274,40 @@ def _report_objects(
         return []
 
 
-def _prior_studies(ctx: WorkerContext, study_uid: str) -> list[Any]:
-    """The same patient's other analysed studies (same Patient row: PatientID + issuer + name), with each
-    task's Asymmetry Score, for the report's before/after comparison."""
-    from service.report.pdf import PriorStudy
-
-    priors = []
+def _prior_jobs(ctx: WorkerContext, study_uid: str) -> list[tuple[Study, Job]]:
+    """The same patient's other analysed studies (same Patient row: PatientID + issuer + name) and their
+    reported jobs, oldest study first."""
     with ctx.sessions() as s:
         study = s.scalar(select(Study).where(Study.study_uid == study_uid))
         if study is None:
             return []
         rows = s.execute(
-            select(Study, Job.result_json).join(Job, Job.study_pk == Study.id).where(
+            select(Study, Job).join(Job, Job.study_pk == Study.id).where(
                 Study.patient_pk == study.patient_pk, Study.id != study.id, Job.result_json != "",
                 Job.state.in_([JobState.REPORTED, JobState.DELIVERED]),
-            )
+            ).order_by(Study.study_date)
         ).all()
-        for other, result_json in rows:
-            scores: dict[str, float] = {}
-            for doc in json.loads(result_json):
-                for task in doc.get("tasks", []):
-                    scores.setdefault(task["task"], float(task["asymmetry_score"]))
-            if scores:
-                priors.append(PriorStudy(other.study_date, other.study_description, scores))
+        return [(other, job) for other, job in rows]
+
+
+def _prior_studies(ctx: WorkerContext, study_uid: str) -> list[Any]:
+    """Each earlier study's task Asymmetry Scores, for the report's before/after comparison."""
+    from service.report.pdf import PriorStudy
+
+    priors = []
+    for other, job in _prior_jobs(ctx, study_uid):
+        scores: dict[str, float] = {}
+        for doc in json.loads(job.result_json):
+            for task in doc.get("tasks", []):
+                scores.setdefault(task["task"], float(task["asymmetry_score"]))
+        if scores:
+            priors.append(PriorStudy(other.study_date, other.study_description, scores))
     return priors
+
+
+def _prior_reports(ctx: WorkerContext, study_uid: str) -> list[Path]:
+    """The earlier studies' SR files, which the new SR references as pertinent other evidence."""
+    return [ctx.files.abspath(job.sr_path) for _, job in _prior_jobs(ctx, study_uid) if job.sr_path]
 
 
 def bundle_path(sr_path: Path) -> Path:

@@ -8,14 +8,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from service.media.dicom_io import write_dicom
 from service.report.sr import InstanceFinding, build_report
 
 
 def write_report(
-    source_paths: Sequence[Path], findings: Sequence[InstanceFinding], out_dir: Path, engine_version: str
+    source_paths: Sequence[Path],
+    findings: Sequence[InstanceFinding],
+    out_dir: Path,
+    engine_version: str,
+    prior_reports: Sequence[Path] = (),
 ) -> tuple[Path, str]:
     """Build the study's SR from its source files and write it under ``out_dir``; returns (path, SOP UID).
 
@@ -23,7 +27,25 @@ def write_report(
     """
     evidence = [dcmread(p, stop_before_pixels=True) for p in source_paths]
     ds = build_report(evidence, findings, engine_version=engine_version)
+    priors = [dcmread(p, stop_before_pixels=True) for p in prior_reports if Path(p).is_file()]
+    if priors:
+        # The patient's earlier reports (before/after), PS3.3 C.17.2 Pertinent Other Evidence Sequence.
+        ds.PertinentOtherEvidenceSequence = [_reference(prior) for prior in priors]
     path = out_dir / f"{ds.SOPInstanceUID}.dcm"
     out_dir.mkdir(parents=True, exist_ok=True)
     write_dicom(ds, path)
     return path, str(ds.SOPInstanceUID)
+
+
+def _reference(ds: Dataset) -> Dataset:
+    """Hierarchical SOP Instance Reference (PS3.3 C.17.2.1) of one object."""
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = ds.SOPClassUID
+    sop.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = ds.SeriesInstanceUID
+    series.ReferencedSOPSequence = [sop]
+    study = Dataset()
+    study.StudyInstanceUID = ds.StudyInstanceUID
+    study.ReferencedSeriesSequence = [series]
+    return study

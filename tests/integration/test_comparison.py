@@ -47,9 +47,11 @@ def test_post_op_report_compares_with_pre_op(tmp_path: Path) -> None:
     service.start()
     try:
         send([pre], "127.0.0.1", settings.dicom_port, "FACESYM")
-        assert receiver.wait_for(pre_uid, 180) is not None
+        pre_sr = receiver.wait_for(pre_uid, 180)
+        assert pre_sr is not None
         send([post], "127.0.0.1", settings.dicom_port, "FACESYM")
-        assert receiver.wait_for(post_uid, 180) is not None
+        post_sr = receiver.wait_for(post_uid, 180)
+        assert post_sr is not None
     finally:
         service.stop()
         receiver.stop()
@@ -58,6 +60,15 @@ def test_post_op_report_compares_with_pre_op(tmp_path: Path) -> None:
     path = tmp_path / "post.pdf"
     path.write_bytes(bytes(pdf.EncapsulatedDocument)[: int(pdf.EncapsulatedDocumentLength)])
     text = subprocess.run([pdftotext, str(path), "-"], capture_output=True, text=True, check=True).stdout
+    # The post-op SR references the pre-op SR (Pertinent Other Evidence) and stays valid.
+    (ref,) = post_sr.PertinentOtherEvidenceSequence
+    assert ref.StudyInstanceUID == pre_uid
+    sop = ref.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert sop.ReferencedSOPInstanceUID == pre_sr.SOPInstanceUID
+    sr_path = tmp_path / "post-sr.dcm"
+    post_sr.save_as(sr_path, enforce_file_format=True)
+    check = subprocess.run([require_peer("dciodvfy"), str(sr_path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
     assert "Comparison with earlier studies" in text
     line = next(ln for ln in text.splitlines() if "pre-op" in ln)
     assert "2024-01-08" in line and "smile AS" in line and "(+" in line, line  # improved since pre-op
