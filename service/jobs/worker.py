@@ -35,6 +35,7 @@ from service.dicom.scu import DeliveryError, send_files
 from service.errors import InvalidParameterError
 from service.jobs.analysis import InstanceAnalysis, InstanceInput, analyse_study
 from service.jobs.rules import assign_task
+from service.report.comparison import PriorStudy
 from service.report.jsonout import analysis_dict
 from service.store.db import Delivery, DeliveryState, Instance, Job, JobState, Series, Study, utcnow
 from service.store.files import FileStore
@@ -197,17 +198,19 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
             )
             for r in results
         ]
+        priors = _prior_jobs(ctx, study_uid)
+        comparison = _prior_studies(priors)
         sr_path, sr_uid = write_report(
             [r.source.path for r in results],
             findings,
             ctx.files.abspath(f"reports/{study_uid}"),
             ctx.engine_version,
-            prior_reports=_prior_reports(ctx, study_uid),
+            prior_reports=[ctx.files.abspath(job.sr_path) for _, job in priors if job.sr_path],
         )
         docs = [_result_doc(r) for r in results]
-        report_files = _report_objects(ctx, job_id, study_uid, results)
+        report_files = _report_objects(ctx, job_id, study_uid, results, comparison)
         fhir_error = _write_bundle(
-            ctx, Path(sr_path), sr_uid, results[0].source.path, findings, started, study_uid
+            ctx, Path(sr_path), sr_uid, results[0].source.path, findings, started, comparison
         )
     except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker; retried, then FAILED
         reason = f"{type(exc).__name__}: {exc}"
@@ -252,7 +255,11 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
 
 
 def _report_objects(
-    ctx: WorkerContext, job_id: int, study_uid: str, results: list[InstanceAnalysis]
+    ctx: WorkerContext,
+    job_id: int,
+    study_uid: str,
+    results: list[InstanceAnalysis],
+    comparison: list[PriorStudy],
 ) -> list[Path]:
     """Key images (DICOM SC) and the PDF report (Encapsulated PDF) beside the SR. Pictures must never block
     the numbers: a failure here is logged and the SR still goes out."""
@@ -267,7 +274,7 @@ def _report_objects(
             model_versions=sorted(
                 {t.grade.model_version for r in results for t in r.analysis.tasks if t.grade is not None}
             ),
-            comparison=_prior_studies(ctx, study_uid),
+            comparison=comparison,
         )
     except Exception:  # noqa: BLE001 - see the docstring
         log.exception("job %d: key images / PDF not built", job_id)
@@ -290,24 +297,17 @@ def _prior_jobs(ctx: WorkerContext, study_uid: str) -> list[tuple[Study, Job]]:
         return [(other, job) for other, job in rows]
 
 
-def _prior_studies(ctx: WorkerContext, study_uid: str) -> list[Any]:
+def _prior_studies(priors: list[tuple[Study, Job]]) -> list[PriorStudy]:
     """Each earlier study's task Asymmetry Scores, for the report's before/after comparison."""
-    from service.report.pdf import PriorStudy
-
-    priors = []
-    for other, job in _prior_jobs(ctx, study_uid):
+    out = []
+    for other, job in priors:
         scores: dict[str, float] = {}
         for doc in json.loads(job.result_json):
             for task in doc.get("tasks", []):
                 scores.setdefault(task["task"], float(task["asymmetry_score"]))
         if scores:
-            priors.append(PriorStudy(other.study_date, other.study_description, scores))
-    return priors
-
-
-def _prior_reports(ctx: WorkerContext, study_uid: str) -> list[Path]:
-    """The earlier studies' SR files, which the new SR references as pertinent other evidence."""
-    return [ctx.files.abspath(job.sr_path) for _, job in _prior_jobs(ctx, study_uid) if job.sr_path]
+            out.append(PriorStudy(other.study_date, other.study_description, scores))
+    return out
 
 
 def bundle_path(sr_path: Path) -> Path:
@@ -316,8 +316,13 @@ def bundle_path(sr_path: Path) -> Path:
 
 
 def _write_bundle(
-    ctx: WorkerContext, sr_path: Path, sr_uid: str, source: Path, findings: list[Any], issued: datetime,
-    study_uid: str = "",
+    ctx: WorkerContext,
+    sr_path: Path,
+    sr_uid: str,
+    source: Path,
+    findings: list[Any],
+    issued: datetime,
+    comparison: list[PriorStudy],
 ) -> str:
     """Build, validate and store the study's FHIR Bundle beside the SR. Returns "" or why it could not be
     built (for instance no patient identifier system): the SR still goes out, the FHIR delivery FAILS."""
@@ -331,7 +336,7 @@ def _write_bundle(
             engine_version=ctx.engine_version, issued=issued,
             patient_identifier_system=ctx.settings.fhir_patient_identifier_system,
             reference_mode=ctx.settings.fhir_reference_mode,  # type: ignore[arg-type]
-            comparison=_prior_studies(ctx, study_uid),
+            comparison=comparison,
         )
     except InvalidParameterError as exc:
         log.error("FHIR Bundle for SR %s not built: %s", sr_uid, exc)

@@ -44,6 +44,7 @@ from pydantic import ValidationError
 from service.domain import Side, TaskResult
 from service.errors import InvalidParameterError
 from service.report import codes
+from service.report.comparison import PriorStudy, changes, current_scores, iso_date, oldest_first
 from service.report.sr import InstanceFinding
 
 # ------------------------------------------------------------------------------------- systems
@@ -425,20 +426,15 @@ def _device(engine_version: str) -> dict[str, Any]:
     }
 
 
-def _comparison_text(findings: Sequence[InstanceFinding], priors: Sequence[Any]) -> str:
+def _comparison_text(findings: Sequence[InstanceFinding], priors: Sequence[PriorStudy]) -> str:
     """" Compared with 2024-01-08 pre-op: smile AS 31 → 78 (+47)." for each earlier study of the patient."""
-    now: dict[str, float] = {}
-    for finding in findings:
-        for task in finding.analysis.tasks:
-            now.setdefault(task.task.value, task.asymmetry_score)
+    now = current_scores(f.analysis for f in findings)
     out = []
-    for prior in sorted(priors, key=lambda p: p.date):
-        d = prior.date
-        when = f"{d[:4]}-{d[4:6]}-{d[6:]}" if len(d) == 8 and d.isdigit() else d
-        changes = [f"{t.replace('_', ' ')} AS {b:.0f} → {now[t]:.0f} ({now[t] - b:+.0f})"
-                   for t, b in prior.asymmetry_scores.items() if t in now]
-        if changes:
-            out.append(f" Compared with {when} {prior.label}".rstrip() + ": " + "; ".join(changes) + ".")
+    for prior in oldest_first(priors):
+        parts = changes(prior, now)
+        if parts:
+            heading = f" Compared with {iso_date(prior.date)} {prior.label}".rstrip()
+            out.append(f"{heading}: {'; '.join(parts)}.")
     return "".join(out)
 
 
@@ -469,7 +465,7 @@ def build_bundle(
     patient_identifier_system: str,
     issued: datetime,
     reference_mode: ReferenceMode = "conditional",
-    comparison: Sequence[Any] = (),
+    comparison: Sequence[PriorStudy] = (),
 ) -> dict[str, Any]:
     """The study's results as a FHIR R4 transaction Bundle (plain JSON-ready dict, validated).
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import matplotlib
 import numpy as np
@@ -21,6 +20,7 @@ from matplotlib.figure import Figure
 
 from service import __version__
 from service.domain import Analysis, Side, Task, TaskResult
+from service.report.comparison import PriorStudy, changes, current_scores, iso_date, oldest_first
 from service.report.figures import SIDE_RGB, TASK_TITLE, side_name
 
 STATEMENT = "Research use only — not a diagnosis; weights trained on synthetic data"
@@ -207,35 +207,17 @@ def _quality(w: _Writer, findings: Sequence[tuple[str, Analysis]]) -> None:
                 w.wrapped(f"{TASK_TITLE[task.task]}: {note}", indent=0.25)
 
 
-@dataclass(frozen=True)
-class PriorStudy:
-    """An earlier analysed study of the same patient: its date (DICOM DA), label (StudyDescription, e.g.
-    "pre-op") and Asymmetry Score per task."""
-
-    date: str
-    label: str
-    asymmetry_scores: Mapping[str, float]
-
-
 def _comparison(w: _Writer, findings: Sequence[tuple[str, Analysis]], priors: Sequence[PriorStudy]) -> None:
     """Before/after: each task's AS now against every earlier study (100 = symmetric)."""
     if not priors:
         return
-    now: dict[str, float] = {}
-    for _, analysis in findings:
-        for t in analysis.tasks:
-            now.setdefault(t.task.value, t.asymmetry_score)
+    now = current_scores(analysis for _, analysis in findings)
     w.space(0.15)
     w.line("Comparison with earlier studies", size=12.5, weight="bold", gap=1.6)
-    for prior in sorted(priors, key=lambda p: p.date):
-        d = prior.date
-        when = f"{d[:4]}-{d[4:6]}-{d[6:]}" if len(d) == 8 and d.isdigit() else (d or "—")
-        parts = []
-        for task, before in prior.asymmetry_scores.items():
-            if task in now:
-                parts.append(f"{task.replace('_', ' ')} AS {before:.0f} → {now[task]:.0f} "
-                             f"({now[task] - before:+.0f})")
-        w.wrapped(f"{when} {prior.label or 'earlier study'}: " + ("; ".join(parts) or "no common task"))
+    for prior in oldest_first(priors):
+        parts = changes(prior, now)
+        w.wrapped(f"{iso_date(prior.date, '—')} {prior.label or 'earlier study'}: "
+                  + ("; ".join(parts) or "no common task"))
     w.wrapped("A positive change is a more symmetric face (100 = symmetric).", size=8, color="0.25")
 
 
@@ -313,9 +295,7 @@ def render_pdf(
     bytes
         The PDF (its text is extractable; metadata holds no dates, so the same input gives the same bytes).
     """
-    date = study_date.strip()
-    if len(date) == 8 and date.isdigit():
-        date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    date = iso_date(study_date)
     buf = io.BytesIO()
     with matplotlib.rc_context({"pdf.fonttype": 42, "font.family": "DejaVu Sans"}):
         meta = {"Title": TITLE, "Creator": f"FaceSym {__version__}", "Producer": "FaceSym",

@@ -24,7 +24,8 @@ from service.domain import Analysis, Quality, RegionSymmetry, Side, StaticItem, 
 from service.engine.scores import GateThresholds
 from service.errors import FaceSymError
 from service.report import figures as fg
-from service.report.pdf import PriorStudy, render_pdf
+from service.report.comparison import PriorStudy
+from service.report.pdf import render_pdf
 from service.report.secondary import build_encapsulated_pdf, build_sc_images
 
 log = logging.getLogger(__name__)

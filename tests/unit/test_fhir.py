@@ -623,7 +623,7 @@ def test_profile_lists_every_code_we_send(built: tuple, study_files: dict[str, P
 
 
 def test_conclusion_compares_with_earlier_studies(study_files: dict[str, Path]) -> None:
-    from service.report.pdf import PriorStudy
+    from service.report.comparison import PriorStudy
 
     findings = _findings(study_files)
     bundle = build_bundle(
