@@ -63,3 +63,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# --- Figures printed at the end of the run ---
+# Reliability, fuzz and scale-out tests record what they did (instances sent, kills, lost, duplicates, fuzz
+# cases, crashes...) so the CI log ends with the evidence, not just "passed". Figures live in memory of the
+# pytest process; tests that run work in subprocesses record the totals they observed.
+
+_FIGURES: list[tuple[str, str, str]] = []
+
+
+class FigureRecorder:
+    """Record a named figure for the end-of-run table: ``figures.record("crash", "kills", 12)``."""
+
+    def record(self, group: str, name: str, value: object) -> None:
+        _FIGURES.append((group, name, str(value)))
+
+
+@pytest.fixture(scope="session")
+def figures() -> FigureRecorder:
+    return FigureRecorder()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _FIGURES:
+        return
+    terminalreporter.section("FaceSym reliability figures")
+    width = max(len(f"{g} / {n}") for g, n, _ in _FIGURES)
+    for group, name, value in _FIGURES:
+        terminalreporter.write_line(f"{group + ' / ' + name:<{width}}  {value}")
