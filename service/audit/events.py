@@ -57,6 +57,7 @@ LOCAL = "99FACESYM"
 APPLICATION_ACTIVITY = Code("110100", DCM, "Application Activity")
 INSTANCES_ACCESSED = Code("110103", DCM, "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = Code("110104", DCM, "DICOM Instances Transferred")
+STUDY_DELETED = Code("110105", DCM, "DICOM Study Deleted")
 EXPORT = Code("110106", DCM, "Export")
 IMPORT = Code("110107", DCM, "Import")
 QUERY = Code("110112", DCM, "Query")
@@ -706,3 +707,28 @@ def user_authentication(
         USER_AUTHENTICATION, "E", outcome, [who, me], type_codes=[LOGIN if which == "login" else LOGOUT],
         description=description, time=time,
     )
+
+
+def study_deleted(
+    study_uid: str,
+    sop_classes: Mapping[str, int] | None,
+    *,
+    user: str,
+    ip: str = "",
+    outcome: int = SUCCESS,
+    patient: Any = None,
+    local_ae: str = "FACESYM",
+    description: str = "",
+    time: datetime | None = None,
+) -> AuditEvent:
+    """110105 DICOM Study Deleted (D), PS3.15 A.5.3.5: ``user`` (the person or process that removed the
+    study, e.g. the OS user running ``facesym purge``) is the requestor; FaceSym the application that held
+    it. Objects: the study (110180) with the SOP classes and counts removed, and the patient (ID only).
+    ``description`` (no PHI) says why, e.g. the retention rule or ``--force``."""
+    who = Participant(user or "unknown", True, (), ip)
+    me = local_participant(local_ae, is_requestor=False, roles=(ROLE_APPLICATION,))
+    objects = [_study_object(study_uid, sop_classes)]
+    pid = patient_id_of(patient)
+    if pid:
+        objects.append(_patient_object(pid))
+    return make_event(STUDY_DELETED, "D", outcome, [who, me], objects, description=description, time=time)
