@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -19,6 +19,9 @@ from rich.table import Table
 from service import __version__
 from service.domain import Analysis, Side, Task
 from service.errors import FaceSymError, NotAnalysableError, UnreadableInputError
+
+if TYPE_CHECKING:
+    from service.media.limits import DecodeLimits
 
 log = logging.getLogger("facesym")
 EXIT_OK, EXIT_UNREADABLE, EXIT_NOT_ANALYSABLE = 0, 2, 3
@@ -137,22 +140,24 @@ def result_table(doc: dict[str, Any]) -> Table:
 
 
 def analyze_path(
-    path: str, path2: str | None, task: Task | None, mirrored: bool, show_progress: bool
+    path: str, path2: str | None, task: Task | None, mirrored: bool, show_progress: bool,
+    limits: DecodeLimits | None = None,
 ) -> dict[str, Any]:
-    """Decode, analyse and return the JSON document. Raises UnreadableInputError for undecodable input."""
+    """Decode, analyse and return the JSON document. Raises UnreadableInputError for undecodable input
+    (LimitExceededError beyond ``limits``, default :class:`~service.media.limits.DecodeLimits`)."""
     from service.engine.pipeline import analyze_frames, analyze_photos
     from service.media.decode import open_media
     from service.media.prefetch import prefetch
     from service.report.jsonout import analysis_dict
 
-    source = open_media(path, mirrored=mirrored)
+    source = open_media(path, mirrored=mirrored, limits=limits)
     info = source.info
     analysis: Analysis
     if info.kind == "image" or path2:
         rest = next(iter(source.frames())).rgb
         expression = None
         if path2:
-            second = open_media(path2, mirrored=mirrored)
+            second = open_media(path2, mirrored=mirrored, limits=limits)
             expression = next(iter(second.frames())).rgb
         analysis = analyze_photos(rest, expression, task)
         n = 2 if path2 else 1
@@ -182,11 +187,22 @@ def analyze_path(
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from service.config import load_settings
+
     console = _console()
+    limits = load_settings().decode_limits  # FACESYM_MAX_FRAME_PIXELS, _MAX_FRAMES, _MAX_FILE_MB
     try:
-        doc = analyze_path(args.path, args.path2, args.task, args.mirrored, show_progress=sys.stderr.isatty())
+        doc = analyze_path(args.path, args.path2, args.task, args.mirrored, show_progress=sys.stderr.isatty(),
+                           limits=limits)
     except UnreadableInputError as exc:
         console.print(f"[bold red]unreadable input:[/] {exc}")
+        return EXIT_UNREADABLE
+    except (FaceSymError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug on hostile input: a message and exit 2, never a traceback
+        log.debug("analysis of %s failed", args.path, exc_info=True)
+        console.print(f"[bold red]unreadable input:[/] {args.path}: processing failed "
+                      f"({type(exc).__name__}: {str(exc)[:200]}); run with -v for details")
         return EXIT_UNREADABLE
     if args.fhir:
         _write_fhir(args, doc)

@@ -11,9 +11,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from service.media.limits import DecodeLimits
 
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash or control chars
 
@@ -90,6 +93,12 @@ class Settings:
     web_port: int = 8080  # 0: no web console
     web_secret_key_file: str = ""  # session-signing key; empty: <data_dir>/web_secret.key
     web_session_hours: float = 8.0
+    # Decode limits (service/media/limits.py), checked before anything is allocated from a size the input
+    # states; refused at C-STORE (0xC000 with the reason) when the header already says so, else the
+    # instance is reported not analysable. Frames are streamed, so these bound the memory of one analysis.
+    max_frame_pixels: int = 4096 * 2160  # width x height of one frame: DCI 4K (and UHD) pass, 8K is refused
+    max_frames: int = 5400  # 3 min at 30 frames/s: an exam takes under a minute; ~75 kB kept per frame
+    max_file_mb: int = 2048  # one received object or input file (a 3-min 4K H.264 clip is ~1.1 GB)
 
     @property
     def effective_database_url(self) -> str:
@@ -109,6 +118,12 @@ class Settings:
         if self.fhir_token_file:
             return Path(self.fhir_token_file).read_text().strip() or None
         return self.fhir_token or None
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        from service.media.limits import DecodeLimits
+
+        return DecodeLimits(self.max_frame_pixels, self.max_frames, self.max_file_mb)
 
     @property
     def files_dir(self) -> Path:
@@ -139,7 +154,8 @@ class Settings:
         for name in ("quiet_seconds", "poll_seconds", "retry_base_seconds", "retry_max_seconds"):
             if getattr(self, name) < 0:
                 raise InvalidParameterError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("workers", "max_associations", "max_attempts"):
+        for name in ("workers", "max_associations", "max_attempts", "max_frame_pixels", "max_frames",
+                     "max_file_mb"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
         for task, pattern in self.task_rules:

@@ -13,6 +13,14 @@ class UnreadableInputError(FaceSymError):
     exit_code = 2
 
 
+class LimitExceededError(UnreadableInputError):
+    """The input is larger than a decode limit (``service.media.limits``); ``limit`` names the setting."""
+
+    def __init__(self, message: str, limit: str):
+        super().__init__(message)
+        self.limit = limit
+
+
 class NotAnalysableError(FaceSymError):
     """The input decodes but fails quality control; ``reasons`` says why (never scored)."""
 

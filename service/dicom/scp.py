@@ -82,6 +82,8 @@ _REJECTION_STATUS = {
     "inconsistent": status.CANNOT_UNDERSTAND,
     "mismatch": status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
     "conflict": status.DUPLICATE_SOP_INSTANCE,
+    # Beyond the decode limits (max_file_mb, max_frame_pixels, max_frames): the comment names the limit.
+    "limit": status.CANNOT_UNDERSTAND,
 }
 
 
@@ -204,6 +206,7 @@ def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
             ctx.engine_version,
             expected_sop_class=str(req.AffectedSOPClassUID or "") or None,
             expected_sop_instance=sop_uid or None,
+            limits=ctx.settings.decode_limits,
         )
     except (OSError, SQLAlchemyError) as exc:
         log.error("could not store SOP Instance %s from %s: %s", sop_uid, _peer(event), type(exc).__name__)

@@ -4,13 +4,16 @@ rest and expression photos. Bad input becomes a "not analysable" finding with th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from service.domain import Analysis, Quality, Task
 from service.engine.pipeline import analyze_frames, analyze_photos
 from service.errors import NotAnalysableError, UnreadableInputError
 from service.media.decode import open_media
+from service.media.limits import DecodeLimits
 from service.media.prefetch import prefetch
 
 log = logging.getLogger(__name__)
@@ -44,8 +47,11 @@ def _task(hint: str | None) -> Task | None:
     return Task(hint) if hint in {t.value for t in Task} else None
 
 
-def analyse_study(inputs: list[InstanceInput]) -> list[InstanceAnalysis]:
+def analyse_study(inputs: list[InstanceInput], limits: DecodeLimits | None = None) -> list[InstanceAnalysis]:
     """Analyse every instance; photos are paired (rest + expression) within the study.
+
+    ``limits``: the decode limits (default :class:`~service.media.limits.DecodeLimits`); an instance beyond
+    them is "not analysable" with the reason.
 
     Pairing: photos whose rules say "rest" are rest photos; every other photo is an expression photo and is
     paired with the study's rest photo (the latest by instance order). Without any rest photo, two unlabelled
@@ -56,7 +62,7 @@ def analyse_study(inputs: list[InstanceInput]) -> list[InstanceAnalysis]:
     photos: list[tuple[InstanceInput, object]] = []
     for item in inputs:
         try:
-            source = open_media(item.path)
+            source = open_media(item.path, limits=limits)
         except UnreadableInputError as exc:
             log.warning("instance %s unreadable: %s", item.sop_instance_uid, exc)
             out.append(InstanceAnalysis(item, _failed(f"unreadable: {exc}"), 0, 0.0))
@@ -81,6 +87,13 @@ def analyse_study(inputs: list[InstanceInput]) -> list[InstanceAnalysis]:
     out.extend(_analyse_photos(photos))
     order = {i.sop_instance_uid: k for k, i in enumerate(inputs)}
     return sorted(out, key=lambda a: order[a.source.sop_instance_uid])
+
+
+def with_limits(
+    analyser: Callable[[list[InstanceInput]], list[InstanceAnalysis]], limits: DecodeLimits
+) -> Callable[[list[InstanceInput]], list[InstanceAnalysis]]:
+    """:func:`analyse_study` bound to the service's decode limits (another analyser is returned as it is)."""
+    return partial(analyse_study, limits=limits) if analyser is analyse_study else analyser
 
 
 def _analyse_photos(photos: list[tuple[InstanceInput, object]]) -> list[InstanceAnalysis]:

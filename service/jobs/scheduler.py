@@ -20,7 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from service.audit import AuditTrail, SyslogForwarder, application_activity, forwarder_from_settings
 from service.config import Settings
 from service.engine import ENGINE_VERSION
-from service.jobs.analysis import analyse_study
+from service.jobs.analysis import analyse_study, with_limits
 from service.jobs.worker import (
     Analyser,
     WorkerContext,
@@ -50,7 +50,7 @@ class FaceSymService:
         self.audit = AuditTrail(self.sessions, source_id=settings.audit_source_id)
         self.ctx = WorkerContext(
             settings, self.sessions, self.files, ENGINE_VERSION, f"{socket.gethostname()}:{os.getpid()}",
-            analyser, self.audit,
+            with_limits(analyser, settings.decode_limits), self.audit,
         )
         self._forwarder: SyslogForwarder | None = None
         self._web: Any = None

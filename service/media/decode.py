@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from service.domain import Frame, MediaInfo, MediaSource
 from service.errors import UnreadableInputError
 from service.media import dicom_io
+from service.media.limits import DecodeLimits
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ Opener = Callable[[], "str | BinaryIO"]
 _STILL_FORMATS = ["PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP", "GIF", "PPM", "JPEG2000"]
 
 
-def open_media(path: str | Path, *, mirrored: bool = False) -> MediaSource:
+def open_media(
+    path: str | Path, *, mirrored: bool = False, limits: DecodeLimits | None = None
+) -> MediaSource:
     """Open a video, still image or DICOM object for decoding.
 
     Parameters
@@ -44,6 +47,9 @@ def open_media(path: str | Path, *, mirrored: bool = False) -> MediaSource:
         The file to decode. Its kind is detected from its content.
     mirrored
         Flip every frame horizontally (selfie-camera input). A setting, never guessed.
+    limits
+        Decode limits (default :class:`~service.media.limits.DecodeLimits`): the file size, the frame size
+        and the frame count the input states are checked before decoding, the decoded ones while streaming.
 
     Returns
     -------
@@ -54,21 +60,26 @@ def open_media(path: str | Path, *, mirrored: bool = False) -> MediaSource:
     Raises
     ------
     UnreadableInputError
-        Missing, empty or undecodable input, or a DICOM object without supported pixel data.
+        Missing, empty or undecodable input, or a DICOM object without supported pixel data;
+        :class:`~service.errors.LimitExceededError` (a subclass) when it is larger than ``limits``.
     """
+    limits = limits or DecodeLimits()
     p = Path(path)
     _check_file(p)
+    limits.check_file(p.stat().st_size, str(p))
     if dicom_io.is_dicom(p):
-        return _open_dicom(p, mirrored)
-    still = _open_still(p, mirrored)
+        return _open_dicom(p, mirrored, limits)
+    still = _open_still(p, mirrored, limits)
     if still is not None:
         return still
-    return _AVSource(p, lambda: str(p), mirrored=mirrored)
+    return _AVSource(p, lambda: str(p), mirrored=mirrored, limits=limits)
 
 
-def iter_frames(path: str | Path, *, mirrored: bool = False) -> Iterator[Frame]:
-    """Stream the frames of ``path``: ``open_media(path, mirrored=mirrored).frames()``."""
-    return open_media(path, mirrored=mirrored).frames()
+def iter_frames(
+    path: str | Path, *, mirrored: bool = False, limits: DecodeLimits | None = None
+) -> Iterator[Frame]:
+    """Stream the frames of ``path``: ``open_media(path, mirrored=mirrored, limits=limits).frames()``."""
+    return open_media(path, mirrored=mirrored, limits=limits).frames()
 
 
 def _check_file(path: Path) -> None:
@@ -102,13 +113,14 @@ class _StillSource:
         yield Frame(0, 0.0, self._rgb)
 
 
-def _open_still(path: Path, mirrored: bool) -> _StillSource | None:
+def _open_still(path: Path, mirrored: bool, limits: DecodeLimits) -> _StillSource | None:
     """Decode ``path`` as a still image, or return None when it is not one (then try PyAV)."""
     try:
         Image.init()  # registers every plugin; the closed list may name ones preinit() skips
         with Image.open(path, formats=[f for f in _STILL_FORMATS if f in Image.OPEN]) as img:
             if getattr(img, "n_frames", 1) > 1 and img.format == "GIF":
                 return None  # animated: a video for our purposes
+            limits.check_frame(*img.size, str(path))  # Image.open reads the header only: nothing decoded yet
             fmt = "jpeg" if img.format == "MPO" else (img.format or "image").lower()
             rgb = _pil_to_rgb(ImageOps.exif_transpose(img))
         return _StillSource(path, rgb, fmt, mirrored)
@@ -136,8 +148,18 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
 class _DicomImageSource:
     """A DICOM photo or multi-frame image, decoded by pydicom one frame at a time."""
 
-    def __init__(self, image: dicom_io.DicomImage, mirrored: bool):
+    def __init__(self, image: dicom_io.DicomImage, mirrored: bool, limits: DecodeLimits):
         self._image, self._mirrored = image, mirrored
+        limits.check_frame(image.columns, image.rows, f"{image.path}: DICOM Rows/Columns")
+        limits.check_frames(image.n_frames, f"{image.path}: DICOM NumberOfFrames", stated=True)
+        if image.transfer_syntax_uid in dicom_io.JPEG_TRANSFER_SYNTAXES:
+            # The codestream states its own size, which the decoder allocates whatever Rows/Columns say.
+            size = dicom_io.jpeg_frame_size(image)
+            if size is not None and size != (image.columns, image.rows):
+                raise UnreadableInputError(
+                    f"{image.path}: JPEG frame is {size[0]}x{size[1]} but Rows/Columns say "
+                    f"{image.columns}x{image.rows}"
+                )
         first = _first(self._raw_frames(), image.path)
         # A single photo is kept (it is one frame anyway): frames() then needs no second decode.
         self._still = first if image.n_frames == 1 else None
@@ -186,11 +208,14 @@ def _first(frames: Generator[np.ndarray, None, None], path: str) -> np.ndarray:
         frames.close()
 
 
-def _open_dicom(path: Path, mirrored: bool) -> MediaSource:
+def _open_dicom(path: Path, mirrored: bool, limits: DecodeLimits) -> MediaSource:
     media = dicom_io.read_dicom_media(path)
     if isinstance(media, dicom_io.DicomVideo):
-        return _AVSource(path, media.open_bitstream, mirrored=mirrored, dicom=media)
-    return _DicomImageSource(media, mirrored)
+        limits.check_frame(media.columns, media.rows, f"{path}: DICOM Rows/Columns")
+        if media.n_frames:
+            limits.check_frames(media.n_frames, f"{path}: DICOM NumberOfFrames", stated=True)
+        return _AVSource(path, media.open_bitstream, mirrored=mirrored, dicom=media, limits=limits)
+    return _DicomImageSource(media, mirrored, limits)
 
 
 # ----------------------------------------------------------------------------------- FFmpeg (PyAV)
@@ -198,9 +223,19 @@ class _AVSource:
     """A video decoded by FFmpeg through PyAV, from a path or (DICOM) a seekable bitstream."""
 
     def __init__(
-        self, path: Path, opener: Opener, *, mirrored: bool, dicom: dicom_io.DicomVideo | None = None
+        self,
+        path: Path,
+        opener: Opener,
+        *,
+        mirrored: bool,
+        dicom: dicom_io.DicomVideo | None = None,
+        limits: DecodeLimits | None = None,
     ):
         self._path, self._opener, self._mirrored = path, opener, mirrored
+        self._limits = limits or DecodeLimits()
+        # FFmpeg's own per-frame cap (AVCodecContext.max_pixels): probing and decoding refuse larger frames
+        # before allocating them, also when the size changes mid-stream.
+        self._codec_options = {"max_pixels": str(self._limits.max_frame_pixels)}
         self._info = self._probe(dicom)
 
     @property
@@ -212,7 +247,7 @@ class _AVSource:
         src: str | BinaryIO | None = None
         try:
             src = self._opener()
-            container = av.open(src, mode="r")
+            container = av.open(src, mode="r", options=dict(self._codec_options))
         except Exception as exc:
             if src is not None and not isinstance(src, str):
                 src.close()
@@ -221,6 +256,16 @@ class _AVSource:
         if not container.streams.video:
             box.close()
             raise UnreadableInputError(f"{self._path}: no video stream in the {container.format.name} file")
+        stream = container.streams.video[0]
+        try:
+            # The size the container or codec header states, known before any frame is decoded.
+            w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+            if w and h:
+                self._limits.check_frame(w, h, str(self._path))
+            stream.codec_context.options = dict(self._codec_options)
+        except BaseException:
+            box.close()
+            raise
         return box
 
     def _probe(self, dicom: dicom_io.DicomVideo | None) -> MediaInfo:
@@ -229,6 +274,8 @@ class _AVSource:
             container = box.container
             stream = container.streams.video[0]
             codec = stream.codec_context.name
+            if stream.frames:
+                self._limits.check_frames(int(stream.frames), str(self._path), stated=True)
             try:
                 first = next(container.decode(stream))
             except Exception as exc:  # StopIteration (no frames) or a decoder error
@@ -267,6 +314,7 @@ class _AVSource:
                         raise UnreadableInputError(f"{self._path}: cannot decode video ({why})") from exc
                     log.warning("video decoding stopped after %d frames: %s", n, _why(exc))
                     break
+                self._limits.check_frames(n + 1, str(self._path))
                 yield Frame(n, _time_s(frame.pts, start, base, n, fps), _finish(rgb, self._mirrored))
                 n += 1
         if n == 0:

@@ -56,6 +56,15 @@ _SEQ_DELIM = 0xFFFEE0DD
 # (0018,1063) Frame Time: the Cine module attribute that Frame Increment Pointer points at.
 _FRAME_TIME_TAG = 0x00181063
 _IMPLEMENTATION_VERSION = f"FACESYM_{__version__}"[:16]
+#: JPEG transfer syntaxes (PS3.5 8.2.1-8.2.4, 10.x): the codestream's frame header states its own size.
+JPEG_TRANSFER_SYNTAXES = frozenset(
+    UID(f"1.2.840.10008.1.2.4.{n}") for n in (50, 51, 57, 70, 80, 81, 90, 91, 201, 202, 203)
+)
+#: Element values larger than this stay on disk when a header is read (pydicom ``defer_size``): a huge
+#: private element must not be loaded into memory just to read a few UIDs.
+DEFER_SIZE = 1 << 20
+#: Frame rates outside (0, MAX_FPS] stated by an object are ignored (the bitstream's rate is used).
+MAX_FPS = 1000.0
 
 
 # --------------------------------------------------------------------------------------- read side
@@ -172,7 +181,7 @@ def is_dicom(path: str | Path) -> bool:
     if len(head) < 8 or struct.unpack("<H", head[:2])[0] not in (0x0002, 0x0008):
         return False
     try:
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, defer_size=DEFER_SIZE)
     except Exception:  # pydicom raises many kinds on non-DICOM bytes: all mean "not DICOM"
         return False
     return "SOPClassUID" in ds
@@ -180,7 +189,7 @@ def is_dicom(path: str | Path) -> bool:
 
 def _read_header(path: Path) -> Dataset:
     try:
-        return pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        return pydicom.dcmread(path, force=True, stop_before_pixels=True, defer_size=DEFER_SIZE)
     except Exception as exc:
         raise UnreadableInputError(f"{path}: not a readable DICOM file ({exc})") from exc
 
@@ -200,24 +209,25 @@ def _transfer_syntax(ds: Dataset) -> UID:
 def frame_rate(ds: Dataset) -> float | None:
     """Frames per second from the Cine module (PS3.3 C.7.6.5), or None when the object states none.
 
-    Frame Time (ms) first, then Cine Rate, then Recommended Display Frame Rate.
+    Frame Time (ms) first, then Cine Rate, then Recommended Display Frame Rate; a rate above
+    :data:`MAX_FPS` (or a malformed value) is ignored.
     """
-    frame_time = _positive(ds.get("FrameTime"))
-    if frame_time:
-        return 1000.0 / frame_time
-    for keyword in ("CineRate", "RecommendedDisplayFrameRate"):
-        rate = _positive(ds.get(keyword))
-        if rate:
-            return rate
-    return None
+    frame_time = _positive(ds, "FrameTime")
+    rates = [1000.0 / frame_time] if frame_time else []
+    rates += [r for r in (_positive(ds, k) for k in ("CineRate", "RecommendedDisplayFrameRate")) if r]
+    return next((r for r in rates if r <= MAX_FPS), None)
 
 
-def _positive(value: Any) -> float | None:
+def _positive(ds: Dataset, keyword: str) -> float | None:
+    """A positive, finite number from ``ds`` (the first value of a multi-valued one), else None."""
     try:
+        value = ds.get(keyword)
+        if type(value).__name__ == "MultiValue" or isinstance(value, list | tuple):
+            value = value[0] if len(value) else None
         number = float(value)
-    except (TypeError, ValueError):
+    except Exception:  # absent, malformed (wrong VR, bad text) or not a number
         return None
-    return number if number > 0 else None
+    return number if 0 < number < float("inf") else None
 
 
 def read_dicom_media(path: str | Path) -> DicomVideo | DicomImage:
@@ -236,18 +246,65 @@ def read_dicom_media(path: str | Path) -> DicomVideo | DicomImage:
     """
     path = Path(path)
     ds = _read_header(path)
-    uid = ds.get("SOPInstanceUID", "?")
-    if "Rows" not in ds or "Columns" not in ds:
-        raise UnreadableInputError(f"{path}: DICOM object {uid} has no image pixel module (no pixel data)")
-    ts = _transfer_syntax(ds)
-    n_frames = int(_positive(ds.get("NumberOfFrames")) or 0)
-    rows, columns, fps = int(ds.Rows), int(ds.Columns), frame_rate(ds)
+    try:
+        uid = str(ds.get("SOPInstanceUID", "?"))
+        if "Rows" not in ds or "Columns" not in ds:
+            raise UnreadableInputError(
+                f"{path}: DICOM object {uid} has no image pixel module (no pixel data)"
+            )
+        ts = _transfer_syntax(ds)
+        n_frames = int(_positive(ds, "NumberOfFrames") or 0)
+        rows, columns, fps = int(ds.Rows), int(ds.Columns), frame_rate(ds)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+        bits = int(ds.get("BitsStored") or 8)
+    except UnreadableInputError:
+        raise
+    except Exception as exc:  # a value of the wrong VR or a malformed number in the header
+        why = f"{type(exc).__name__}: {exc}"
+        raise UnreadableInputError(f"{path}: malformed DICOM image header ({why})") from exc
     if ts in MPEG_TRANSFER_SYNTAXES:
         extents = _locate_fragments(path, uid)
         return DicomVideo(str(path), str(ts), rows, columns, n_frames or None, fps, extents)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    bits = int(ds.get("BitsStored") or 8)
     return DicomImage(str(path), str(ts), rows, columns, max(n_frames, 1), fps, photometric, bits)
+
+
+def jpeg_frame_size(image: DicomImage) -> tuple[int, int] | None:
+    """(width, height) the first JPEG / JPEG-LS / JPEG 2000 frame of ``image`` states in its codestream
+    header (SOFn, PS3.5 8.2.1; SIZ for JPEG 2000), read without decoding; None when it cannot be found."""
+    try:
+        first = _locate_fragments(Path(image.path), "?")[0]
+    except UnreadableInputError:
+        return None
+    with open(image.path, "rb") as fh:
+        fh.seek(first[0])
+        head = fh.read(min(first[1], 1 << 16))
+    return _codestream_size(head)
+
+
+def _codestream_size(data: bytes) -> tuple[int, int] | None:
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 14:  # JPEG 2000 codestream: SOC then SIZ
+        xsiz, ysiz, xo, yo = struct.unpack(">IIII", data[8:24]) if len(data) >= 24 else (0, 0, 0, 0)
+        return (xsiz - xo, ysiz - yo) if xsiz > xo and ysiz > yo else None
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7):
+            if i + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return (width, height)
+        if marker == 0xDA or length < 2:  # start of scan before any frame header
+            return None
+        i += 2 + length
+    return None
 
 
 def _locate_fragments(path: Path, uid: str) -> tuple[tuple[int, int], ...]:
@@ -259,7 +316,7 @@ def _locate_fragments(path: Path, uid: str) -> tuple[tuple[int, int], ...]:
     """
     with open(path, "rb") as fh:
         try:
-            pydicom.dcmread(fh, force=True, stop_before_pixels=True)
+            pydicom.dcmread(fh, force=True, stop_before_pixels=True, defer_size=DEFER_SIZE)
         except Exception as exc:
             raise UnreadableInputError(f"{path}: not a readable DICOM file ({exc})") from exc
         # stop_before_pixels rewinds to the start of (7FE0,0010): MPEG syntaxes are explicit VR LE.
@@ -350,7 +407,7 @@ def dicom_summary(path: str | Path) -> dict[str, Any]:
         "series_instance_uid": text("SeriesInstanceUID"),
         "transfer_syntax_uid": str(_transfer_syntax(ds)),
         "modality": text("Modality"),
-        "number_of_frames": int(_positive(ds.get("NumberOfFrames")) or 1),
+        "number_of_frames": int(_positive(ds, "NumberOfFrames") or 1),
         "series_description": text("SeriesDescription"),
         "protocol_name": text("ProtocolName"),
         "image_comments": text("ImageComments"),

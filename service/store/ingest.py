@@ -37,7 +37,8 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.errors import InvalidParameterError
+from service.errors import InvalidParameterError, LimitExceededError
+from service.media.limits import DecodeLimits
 from service.store.db import Instance, Job, JobState, Patient, Series, Study
 from service.store.files import FileStore, UnsafeUidError, check_uid, fsync_file, instance_relpath
 
@@ -45,7 +46,9 @@ log = logging.getLogger(__name__)
 
 Outcome = Literal["stored", "duplicate", "new_version", "rejected"]
 #: Why an object was rejected; the SCP maps each to a DIMSE status (service.dicom.status).
-Rejection = Literal["", "unreadable", "missing_uid", "bad_uid", "mismatch", "inconsistent", "conflict"]
+Rejection = Literal[
+    "", "unreadable", "missing_uid", "bad_uid", "mismatch", "inconsistent", "conflict", "limit"
+]
 
 DUPLICATE_POLICIES = ("version", "reject")
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -53,6 +56,10 @@ REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesIns
 # alone: the worker sees Study.last_received_at move and starts over itself.
 _RESTART = (JobState.QUEUED, JobState.REPORTED, JobState.DELIVERED, JobState.FAILED)
 _CHUNK = 1 << 20
+# Header values above this stay on disk when the header is read (a huge private element is never loaded);
+# text/number attributes longer than _MAX_VALUE_BYTES are treated as absent (malformed: none is that long).
+_DEFER_SIZE = 1 << 20
+_MAX_VALUE_BYTES = 1 << 16
 # One writer per SOP Instance UID in this process (striped): two associations sending the same
 # object must not both place a file at the same path.
 _LOCKS = tuple(threading.Lock() for _ in range(64))
@@ -134,6 +141,8 @@ def dataset_sha256(path: str | Path) -> str:
 def _text(ds: Dataset, keyword: str, max_len: int) -> str:
     """An attribute as text for a column of ``max_len`` characters ("" when absent or undecodable)."""
     try:
+        if _oversized(ds, keyword):
+            return ""
         value = ds.get(keyword)
         if value is None:
             return ""
@@ -144,8 +153,16 @@ def _text(ds: Dataset, keyword: str, max_len: int) -> str:
         return ""
 
 
+def _oversized(ds: Dataset, keyword: str) -> bool:
+    """True when the element's stated length is beyond any sane value (checked without loading it)."""
+    elem = ds.get_item(keyword, keep_deferred=True)
+    return elem is not None and int(getattr(elem, "length", 0) or 0) > _MAX_VALUE_BYTES
+
+
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
+        if _oversized(ds, keyword):
+            return None
         value = ds.get(keyword)
         return None if value is None or value == "" else int(value)
     except Exception:
@@ -164,7 +181,7 @@ class _Header:
 
 def _read_header(path: Path) -> _Header:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, defer_size=_DEFER_SIZE)
     except Exception as exc:
         raise _Rejected("unreadable", f"not a readable DICOM object ({type(exc).__name__})") from None
     uids: dict[str, str] = {}
@@ -206,6 +223,7 @@ def ingest(
     *,
     expected_sop_class: str | None = None,
     expected_sop_instance: str | None = None,
+    limits: DecodeLimits | None = None,
 ) -> IngestResult:
     """Store one received DICOM file durably and record it; see the module docstring for the outcomes.
 
@@ -228,6 +246,9 @@ def ingest(
     expected_sop_class, expected_sop_instance
         The Affected SOP Class / Instance UID of the C-STORE request; a data set that says otherwise
         is rejected ("mismatch", PS3.4 B.2.3 "Data Set does not match SOP Class").
+    limits
+        Decode limits checked on what the object states (file size, Rows x Columns, NumberOfFrames):
+        an object above them is rejected ("limit") instead of failing later in the worker.
 
     Returns
     -------
@@ -253,6 +274,7 @@ def ingest(
             engine_version,
             expected_sop_class,
             expected_sop_instance,
+            limits,
         )
     finally:
         tmp.unlink(missing_ok=True)  # placed files are gone from here already
@@ -267,9 +289,14 @@ def _ingest(
     engine_version: str,
     expected_sop_class: str | None,
     expected_sop_instance: str | None,
+    limits: DecodeLimits | None = None,
 ) -> IngestResult:
     try:
+        if limits is not None:
+            _check_limits(limits, tmp, None)
         head = _read_header(tmp)
+        if limits is not None:
+            _check_limits(limits, tmp, head.ds)
         if expected_sop_class and head.sop_class != expected_sop_class:
             raise _Rejected(
                 "mismatch", f"data set SOP Class {head.sop_class} is not the request's {expected_sop_class}"
@@ -326,6 +353,21 @@ def _ingest(
                 )
             return result
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_limits(limits: DecodeLimits, path: Path, ds: Dataset | None) -> None:
+    """Refuse what the object's size or header already says is beyond the decode limits."""
+    try:
+        if ds is None:
+            limits.check_file(path.stat().st_size, "object")
+            return
+        rows, columns, frames = _int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "NumberOfFrames")
+        if rows is not None and columns is not None:
+            limits.check_frame(columns, rows, "object")
+        if frames is not None:
+            limits.check_frames(frames, "object", stated=True)
+    except LimitExceededError as exc:
+        raise _Rejected("limit", str(exc)) from None
 
 
 def _transaction(
@@ -435,10 +477,7 @@ def _upsert_patient(session: Session, ds: Dataset) -> Patient:
 def is_facesym_output(ds: Dataset) -> bool:
     """An object FaceSym's report made (SR, key images, PDF): Manufacturer and Manufacturer's Model Name are
     both "FaceSym". Phantom videos (model "FaceSym phantom") stand in for a camera and are analysed."""
-    return (
-        str(ds.get("Manufacturer", "")).strip() == "FaceSym"
-        and str(ds.get("ManufacturerModelName", "")).strip() == "FaceSym"
-    )
+    return _text(ds, "Manufacturer", 64) == "FaceSym" and _text(ds, "ManufacturerModelName", 64) == "FaceSym"
 
 
 def _upsert_study(
