@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the DICOM service: storage SCP, scheduler and workers")
     sv.add_argument("--config", help="TOML settings file (FACESYM_* environment variables override it)")
 
+    wk = sub.add_parser("worker", help="analyse and deliver only (no SCP, no web): scale out beside a "
+                        "`facesym serve` with workers = 0, sharing its database and file store")
+    wk.add_argument("--config", help="TOML settings file (FACESYM_* environment variables override it)")
+
+    db = sub.add_parser("db", help="the database schema (Alembic migrations)")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    dbu = db_sub.add_parser("upgrade", help="bring the database to the newest schema revision (an old "
+                            "create_all database is stamped at the baseline first)")
+    dbu.add_argument("--config", help="TOML settings file (the database is found as serve finds it)")
+    dbc = db_sub.add_parser("current", help="print the database's schema revision (exit 1 if not the newest)")
+    dbc.add_argument("--config", help="TOML settings file")
+
     rp = sub.add_parser("report", help="render an analysed study's PDF report offline")
     rp.add_argument("study_uid", help="Study Instance UID of a study FaceSym has analysed")
     rp.add_argument("--pdf", required=True, metavar="FILE", help="where to write the PDF")
@@ -310,6 +322,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from service.config import load_settings
+    from service.jobs.scheduler import FaceSymService
+
+    settings = load_settings(args.config)
+    if settings.workers < 1:
+        raise FaceSymError("facesym worker needs workers >= 1 (FACESYM_WORKERS): it only analyses")
+    logging.getLogger().setLevel(settings.log_level.upper())
+    service = FaceSymService(settings, receive=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    service.start()
+    stop.wait()
+    service.stop()
+    return EXIT_OK
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from service.config import load_settings
+    from service.store.db import make_engine
+    from service.store.schema import BASELINE, current_revision, head_revision, upgrade
+
+    settings = load_settings(args.config)
+    url = settings.effective_database_url
+    if url.startswith("sqlite:///"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(url)
+    try:
+        if args.db_command == "upgrade":
+            result = upgrade(engine)
+            if result.stamped:
+                print(f"database made by create_all: stamped at {BASELINE}, upgraded to {result.after}")
+            elif result.before is None:
+                print(f"empty database: schema created at revision {result.after}")
+            elif result.changed:
+                print(f"database upgraded: {result.before} -> {result.after}")
+            else:
+                print(f"database already at the newest revision {result.after}")
+            return EXIT_OK
+        current, head = current_revision(engine), head_revision()
+        print(f"{current or 'none'}" + (" (head)" if current == head else f" (newest is {head})"))
+        return EXIT_OK if current == head else 1
+    finally:
+        engine.dispose()
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
@@ -423,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "analyze": cmd_analyze, "phantom": cmd_phantom, "serve": cmd_serve, "demo": cmd_demo,
         "audit": cmd_audit, "train": cmd_train, "report": cmd_report,
-        "user": cmd_user,
+        "user": cmd_user, "worker": cmd_worker, "db": cmd_db,
     }
     try:
         return handlers[args.command](args)

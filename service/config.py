@@ -66,7 +66,10 @@ class Settings:
     min_free_disk_mb: int = 1024
     # different bytes, same SOP Instance UID: "version" keeps both, "reject"
     duplicate_policy: str = "version"
+    # analyses at once in this process; `facesym serve` with 0: SCP + web only (`facesym worker`s analyse)
     workers: int = 2
+    # a claimed job's or delivery's lease, renewed while it runs; once expired, any worker may take it over
+    lease_seconds: float = 120.0
     poll_seconds: float = 1.0
     max_attempts: int = 5
     retry_base_seconds: float = 5.0
@@ -154,7 +157,11 @@ class Settings:
         for name in ("quiet_seconds", "poll_seconds", "retry_base_seconds", "retry_max_seconds"):
             if getattr(self, name) < 0:
                 raise InvalidParameterError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("workers", "max_associations", "max_attempts", "max_frame_pixels", "max_frames",
+        if self.workers < 0:
+            raise InvalidParameterError(f"workers must be >= 0 (0: receive only), got {self.workers}")
+        if self.lease_seconds <= 0:
+            raise InvalidParameterError(f"lease_seconds must be > 0, got {self.lease_seconds}")
+        for name in ("max_associations", "max_attempts", "max_frame_pixels", "max_frames",
                      "max_file_mb"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(f"{name} must be >= 1, got {getattr(self, name)}")

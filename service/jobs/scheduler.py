@@ -1,7 +1,13 @@
 """The running service: storage SCP + APScheduler clock + a bounded worker pool, all over one database.
 
-APScheduler only ticks; the job table is the queue, so a crash loses nothing: on start-up RUNNING jobs go
-back to QUEUED and every tick re-reads what is due.
+APScheduler only ticks; the job table is the queue, so a crash loses nothing: every tick re-reads what is
+due. Jobs and deliveries are claimed with a lease that a heartbeat renews; an expired lease (its worker was
+killed) lets any worker take the row over. On SQLite (one machine, one process analysing) ``facesym serve``
+also puts RUNNING jobs back to QUEUED at start-up; on a shared PostgreSQL it leaves them to their leases.
+
+Scale-out: ``facesym serve`` with ``workers = 0`` receives only (SCP + web console), and any number of
+``facesym worker`` processes (:class:`FaceSymService` with ``receive=False``: no SCP, no web, no syslog
+forwarder) on any machines sharing the database and the file store analyse and deliver.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from service.jobs.worker import (
     Analyser,
     WorkerContext,
     claim_next_job,
+    database_dialect,
     deliver_due,
     process_job,
     promote_stable_studies,
@@ -40,10 +47,15 @@ log = logging.getLogger(__name__)
 
 
 class FaceSymService:
-    """``facesym serve``: receive, analyse, report and deliver until stopped."""
+    """``facesym serve``: receive, analyse, report and deliver until stopped; with ``settings.workers == 0``
+    it only receives. ``receive=False`` is ``facesym worker``: analyse and deliver only."""
 
-    def __init__(self, settings: Settings, analyser: Analyser = analyse_study) -> None:
+    def __init__(
+        self, settings: Settings, analyser: Analyser = analyse_study, *, receive: bool = True
+    ) -> None:
         self.settings = settings
+        self.receive = receive
+        self.analyse = settings.workers > 0
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.sessions = open_database(settings.effective_database_url)
         self.files = FileStore(settings.files_dir)
@@ -54,26 +66,44 @@ class FaceSymService:
         )
         self._forwarder: SyslogForwarder | None = None
         self._web: Any = None
-        self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="facesym-worker")
-        self._slots = threading.BoundedSemaphore(settings.workers)
+        self._pool = ThreadPoolExecutor(max(1, settings.workers), thread_name_prefix="facesym-worker")
+        self._slots = threading.BoundedSemaphore(max(1, settings.workers))
         self._scheduler = BackgroundScheduler(timezone=UTC)
         self._scp: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
+        ae = self.settings.ae_title
+        if self.receive:
+            self._forwarder = forwarder_from_settings(self.audit, self.settings)
+        self.audit.record(application_activity("start", local_ae=ae))
+        if self.receive:  # one process notes the configuration (workers would note theirs alternately)
+            self.audit.note_settings({f.name: getattr(self.settings, f.name) for f in fields(self.settings)},
+                                     local_ae=ae)
+        if self.receive and self.analyse and database_dialect(self.sessions) == "sqlite":
+            recover_interrupted(self.sessions)  # single machine: a RUNNING job's worker was this process
+        if self.receive:
+            self._start_receiving()
+        if self.analyse:
+            self._start_loop()
+        if not self.receive:
+            log.info("FaceSym %s worker %s: %d analyses at once, lease %gs", ENGINE_VERSION,
+                     self.ctx.worker_id, self.settings.workers, self.settings.lease_seconds)
+
+    def _start_receiving(self) -> None:
         from service.dicom.scp import start_scp
 
-        ae = self.settings.ae_title
-        self._forwarder = forwarder_from_settings(self.audit, self.settings)
-        self.audit.record(application_activity("start", local_ae=ae))
-        self.audit.note_settings({f.name: getattr(self.settings, f.name) for f in fields(self.settings)},
-                                 local_ae=ae)
-        recover_interrupted(self.sessions)
         self._scp = start_scp(self.settings, self.sessions, self.files, ENGINE_VERSION, self.audit)
         if self.settings.web_port:
             from service.api import ServiceHooks, start_web
 
             hooks = ServiceHooks(engine_version=ENGINE_VERSION)
             self._web = start_web(self.settings, self.sessions, self.audit, hooks)
+        log.info("FaceSym %s listening as %s on %s:%d; destinations: %s%s", ENGINE_VERSION,
+                 self.settings.ae_title, self.settings.dicom_host, self.settings.dicom_port,
+                 ", ".join(map(str, self.settings.destinations)) or "none",
+                 "" if self.analyse else "; workers = 0: analysis and delivery left to `facesym worker`s")
+
+    def _start_loop(self) -> None:
         every = max(0.1, self.settings.poll_seconds)
         now = datetime.now(UTC)
         self._scheduler.add_job(self._dispatch, "interval", seconds=every, max_instances=1, coalesce=True,
@@ -81,14 +111,21 @@ class FaceSymService:
         self._scheduler.add_job(self._deliver, "interval", seconds=every, max_instances=1, coalesce=True,
                                 next_run_time=now, id="deliver")
         self._scheduler.start()
-        log.info("FaceSym %s listening as %s on %s:%d; destinations: %s", ENGINE_VERSION,
-                 self.settings.ae_title, self.settings.dicom_host, self.settings.dicom_port,
-                 ", ".join(map(str, self.settings.destinations)) or "none")
 
     def _dispatch(self) -> None:
-        promote_stable_studies(self.sessions, self.settings.quiet_seconds)
+        try:
+            promote_stable_studies(self.sessions, self.settings.quiet_seconds)
+        except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable; the next tick retries
+            log.exception("promoting quiet studies failed")
         while self._slots.acquire(blocking=False):
-            job_id = claim_next_job(self.sessions, self.ctx.worker_id)
+            try:
+                job_id = claim_next_job(self.sessions, self.ctx.worker_id,
+                                        lease_seconds=self.settings.lease_seconds,
+                                        max_attempts=self.settings.max_attempts)
+            except Exception:  # noqa: BLE001 - as above
+                self._slots.release()
+                log.exception("claiming a job failed")
+                return
             if job_id is None:
                 self._slots.release()
                 return
@@ -97,7 +134,7 @@ class FaceSymService:
     def _run(self, job_id: int) -> None:
         try:
             process_job(self.ctx, job_id)
-        except Exception:  # noqa: BLE001 - logged; the job stays RUNNING and is recovered on restart
+        except Exception:  # noqa: BLE001 - logged; the job stays RUNNING until its lease expires
             log.exception("job %d: worker crashed", job_id)
         finally:
             self._slots.release()
@@ -111,7 +148,8 @@ class FaceSymService:
     def stop(self) -> None:
         if self._web is not None:
             self._web.stop()
-        self._scheduler.shutdown(wait=False)
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
         if self._scp is not None:
             self._scp.shutdown()
         self._pool.shutdown(wait=True, cancel_futures=True)

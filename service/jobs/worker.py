@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, and_, or_, select, text, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,6 +44,7 @@ from service.store.files import FileStore
 log = logging.getLogger(__name__)
 
 Analyser = Callable[[list[InstanceInput]], list[InstanceAnalysis]]
+DEFAULT_LEASE_SECONDS = 120.0
 
 
 @dataclass
@@ -72,13 +74,39 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=utcnow().tzinfo)
 
 
+def database_dialect(sessions: sessionmaker[Session]) -> str:
+    """"sqlite" or "postgresql" (the SQLAlchemy dialect name of the session factory's engine)."""
+    with sessions() as s:
+        return s.get_bind().dialect.name
+
+
+def _write_lock(s: Session) -> None:
+    """SQLite: take the database's one writer lock now (BEGIN IMMEDIATE), so that what this transaction
+    reads cannot change before it writes. First statement of the transaction; a no-op elsewhere."""
+    if s.get_bind().dialect.name == "sqlite":
+        s.execute(text("BEGIN IMMEDIATE"))
+
+
+def _locked_job(s: Session, job_id: int) -> Job | None:
+    """The job row, locked for this transaction (PostgreSQL: SELECT ... FOR UPDATE; SQLite: the writer
+    lock): a worker finishing a job and another taking over its expired lease cannot both win."""
+    _write_lock(s)
+    return s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+
+
 def recover_interrupted(sessions: sessionmaker[Session]) -> int:
-    """At start-up: jobs left RUNNING by a crash go back to QUEUED. Returns how many."""
+    """At start-up: jobs left RUNNING by a crash go back to QUEUED. Returns how many.
+
+    Only right when this process is the database's only worker (SQLite, one machine): with shared
+    PostgreSQL, another worker's RUNNING job is alive, and expired leases do this job (claim_next_job).
+    """
     with sessions.begin() as s:
         n = cast(
             CursorResult[Any],
             s.execute(
-                update(Job).where(Job.state == JobState.RUNNING).values(state=JobState.QUEUED, claimed_by="")
+                update(Job)
+                .where(Job.state == JobState.RUNNING)
+                .values(state=JobState.QUEUED, claimed_by="", lease_expires_at=None)
             ),
         ).rowcount
     if n:
@@ -89,51 +117,151 @@ def recover_interrupted(sessions: sessionmaker[Session]) -> int:
 def promote_stable_studies(
     sessions: sessionmaker[Session], quiet_seconds: float, now: datetime | None = None
 ) -> list[int]:
-    """RECEIVED jobs whose study has been quiet for ``quiet_seconds`` become QUEUED."""
+    """RECEIVED jobs whose study has been quiet for ``quiet_seconds`` become QUEUED.
+
+    Safe with several processes: the due jobs are read again and promoted under a lock (SQLite's writer
+    lock; on PostgreSQL ``FOR UPDATE OF job, study SKIP LOCKED``, so a study that an association is writing
+    right now waits for the next tick, and the promoting UPDATE only moves jobs still RECEIVED).
+    """
     now = now or utcnow()
-    promoted = []
+    cutoff = now - timedelta(seconds=quiet_seconds)
+    due = (
+        select(Job.id)
+        .join(Study, Job.study_pk == Study.id)
+        .where(Job.state == JobState.RECEIVED, Study.last_received_at <= cutoff)
+        .order_by(Job.id)
+    )
+    with sessions() as s:  # cheap look first: most ticks find nothing and take no lock
+        if s.scalar(due.limit(1)) is None:
+            return []
     with sessions.begin() as s:
-        rows = s.execute(
-            select(Job, Study).join(Study, Job.study_pk == Study.id).where(Job.state == JobState.RECEIVED)
-        ).all()
-        for job, study in rows:
-            if now - _aware(study.last_received_at) >= timedelta(seconds=quiet_seconds):
-                job.state, job.next_run_at = JobState.QUEUED, now
-                promoted.append(job.id)
-    for job_id in promoted:
+        _write_lock(s)  # (SQLite renders no FOR UPDATE: its writer lock does that job)
+        ids = list(s.scalars(due.with_for_update(of=[Job.__table__, Study.__table__], skip_locked=True)))
+        if ids:
+            s.execute(
+                update(Job)
+                .where(Job.id.in_(ids), Job.state == JobState.RECEIVED)
+                .values(state=JobState.QUEUED, next_run_at=now)
+            )
+    for job_id in ids:
         log.info("job %d queued (study quiet for %gs)", job_id, quiet_seconds)
-    return promoted
+    return ids
+
+
+def _claimable_job(now: datetime) -> ColumnElement[bool]:
+    """Due QUEUED jobs, and RUNNING jobs whose lease has expired (their worker died or hung)."""
+    return or_(
+        and_(Job.state == JobState.QUEUED, Job.next_run_at <= now),
+        and_(
+            Job.state == JobState.RUNNING,
+            or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
+        ),
+    )
 
 
 def claim_next_job(
-    sessions: sessionmaker[Session], worker_id: str, now: datetime | None = None
+    sessions: sessionmaker[Session],
+    worker_id: str,
+    now: datetime | None = None,
+    *,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    max_attempts: int | None = None,
 ) -> int | None:
-    """Atomically move one due QUEUED job to RUNNING; the conditional UPDATE makes racing workers safe."""
+    """Atomically move one due QUEUED job (or a RUNNING one whose lease expired) to RUNNING, claimed by
+    ``worker_id`` with a lease of ``lease_seconds``; None when nothing is due.
+
+    PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` (racing workers pass over each other's rows);
+    SQLite: a conditional UPDATE on the same condition (one writer at a time). A taken-over job whose
+    ``attempts`` already reached ``max_attempts`` (its workers keep dying on it) becomes FAILED instead.
+    """
     now = now or utcnow()
+    lease_until = now + timedelta(seconds=lease_seconds)
     with sessions.begin() as s:
-        candidates = s.scalars(
-            select(Job.id)
-            .where(Job.state == JobState.QUEUED, Job.next_run_at <= now)
+        candidates = s.execute(
+            select(Job.id, Job.state, Job.attempts)
+            .where(_claimable_job(now))
             .order_by(Job.next_run_at)
             .limit(5)
+            .with_for_update(of=Job.__table__, skip_locked=True)  # SQLite renders none: see the docstring
         ).all()
-        for job_id in candidates:
+        for job_id, state, attempts in candidates:
+            claim = update(Job).where(Job.id == job_id, Job.attempts == attempts, _claimable_job(now))
+            if state is JobState.RUNNING and max_attempts is not None and attempts >= max_attempts:
+                reason = f"its worker was lost {attempts} time(s) while analysing (killed, crashed or hung)"
+                s.execute(claim.values(state=JobState.FAILED, reason=reason, claimed_by="",
+                                       lease_expires_at=None, updated_at=now))
+                log.error("job %d FAILED: %s", job_id, reason)
+                continue
             got = cast(
                 CursorResult[Any],
                 s.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.state == JobState.QUEUED)
-                    .values(
+                    claim.values(
                         state=JobState.RUNNING,
                         claimed_by=worker_id,
                         attempts=Job.attempts + 1,
+                        lease_expires_at=lease_until,
                         updated_at=now,
                     )
                 ),
             ).rowcount
             if got == 1:
+                if state is JobState.RUNNING:
+                    log.warning("job %d: its worker's lease expired; taken over by %s", job_id, worker_id)
                 return int(job_id)
     return None
+
+
+class Heartbeat:
+    """Renews a claim's lease (``lease_expires_at`` = now + ``lease_seconds``) every third of the lease
+    while the ``with`` block runs, as long as the row still matches ``claim`` (column = value). When it does
+    not (another worker took the row over), ``lost`` becomes True and renewing stops."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        model: type[Job] | type[Delivery],
+        row_id: int,
+        claim: dict[str, Any],
+        lease_seconds: float,
+    ) -> None:
+        self.sessions, self.model, self.row_id, self.claim = sessions, model, row_id, claim
+        self.lease_seconds = lease_seconds
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{model.__tablename__}-{row_id}",
+                                        daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        model = self.model
+        conditions = [getattr(model, k) == v for k, v in self.claim.items()]
+        while not self._stop.wait(max(0.2, self.lease_seconds / 3)):
+            try:
+                with self.sessions.begin() as s:
+                    n = cast(
+                        CursorResult[Any],
+                        s.execute(
+                            update(model)
+                            .where(model.id == self.row_id, *conditions)
+                            .values(lease_expires_at=utcnow() + timedelta(seconds=self.lease_seconds))
+                        ),
+                    ).rowcount
+            except Exception as exc:  # noqa: BLE001 - the database may be back before the lease ends
+                log.warning("%s %d: lease not renewed (%s)", model.__tablename__, self.row_id,
+                            type(exc).__name__)
+                continue
+            if n != 1:
+                self.lost = True
+                log.warning("%s %d: lease lost (taken over by another worker)", model.__tablename__,
+                            self.row_id)
+                return
 
 
 def _inputs(
@@ -172,10 +300,10 @@ def _inputs(
 
 def process_job(ctx: WorkerContext, job_id: int) -> JobState:
     """Run one claimed job to REPORTED (with PENDING deliveries), back to RECEIVED (new data arrived while it
-    ran), QUEUED (retry later) or FAILED. Never raises for bad input; a bug is retried, then FAILED."""
-    from service.report.sr import InstanceFinding
-    from service.report.sr_io import write_report
+    ran), QUEUED (retry later) or FAILED. Never raises for bad input; a bug is retried, then FAILED.
 
+    A heartbeat renews the job's lease while it runs. If the lease was lost all the same (this worker hung
+    past it and another took the job over), the outcome is dropped and the job's current state returned."""
     with ctx.sessions() as s:
         job = s.get(Job, job_id)
         assert job is not None, f"job {job_id} vanished"
@@ -184,6 +312,29 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
         study_uid, started = study.study_uid, utcnow()
         received_before = _aware(study.last_received_at)
         inputs = _inputs(s, ctx.files, study, ctx.settings.task_rules)
+        # This claim: if the lease expires and another worker takes the job over, these change.
+        claim = {"state": JobState.RUNNING, "claimed_by": job.claimed_by, "attempts": job.attempts}
+    with Heartbeat(ctx.sessions, Job, job_id, claim, ctx.settings.lease_seconds):
+        return _process_claimed(ctx, job_id, claim, study_uid, started, received_before, inputs)
+
+
+def _holds(row: Job | Delivery, claim: dict[str, Any]) -> bool:
+    """Whether ``row`` is still under this claim (nobody took it over after its lease expired)."""
+    return all(getattr(row, k) == v for k, v in claim.items())
+
+
+def _process_claimed(
+    ctx: WorkerContext,
+    job_id: int,
+    claim: dict[str, Any],
+    study_uid: str,
+    started: datetime,
+    received_before: datetime,
+    inputs: list[InstanceInput],
+) -> JobState:
+    from service.report.sr import InstanceFinding
+    from service.report.sr_io import write_report
+
     log.info("job %d: analysing study %s (%d instances)", job_id, study_uid, len(inputs))
     ae = ctx.settings.ae_title
     ctx.audit_record(analysis_event("begun", job_id, study_uid, local_ae=ae,
@@ -214,17 +365,21 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
         )
     except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker; retried, then FAILED
         reason = f"{type(exc).__name__}: {exc}"
-        state = _retry_or_fail(ctx, job_id, reason)
+        state = _retry_or_fail(ctx, job_id, reason, claim)
         outcome = SERIOUS_FAILURE if state is JobState.FAILED else MINOR_FAILURE
         ctx.audit_record(analysis_event("finished", job_id, study_uid, outcome, reason, local_ae=ae))
         return state
 
     with ctx.sessions.begin() as s:
-        job = s.get(Job, job_id)
+        job = _locked_job(s, job_id)
         study = s.get(Study, job.study_pk) if job else None
         if job is None or study is None:
             return JobState.FAILED
+        if not _holds(job, claim):
+            log.warning("job %d: lease lost to %s; this result is dropped", job_id, job.claimed_by or "none")
+            return job.state
         new_data = _aware(study.last_received_at) > received_before
+        job.lease_expires_at = None
         if new_data:
             job.state, job.claimed_by = JobState.RECEIVED, ""
         else:
@@ -240,6 +395,7 @@ def process_job(ctx: WorkerContext, job_id: int) -> JobState:
                 d = rows.get(target) or Delivery(job_pk=job.id, destination=target)
                 d.state = DeliveryState.FAILED if failed else DeliveryState.PENDING
                 d.attempts, d.next_run_at = 0, started
+                d.claimed_by, d.lease_expires_at = "", None
                 d.last_error = fhir_error if failed else ""
                 s.add(d)
     if new_data:
@@ -358,12 +514,15 @@ def _result_doc(r: InstanceAnalysis) -> dict[str, object]:
     return doc
 
 
-def _retry_or_fail(ctx: WorkerContext, job_id: int, reason: str) -> JobState:
+def _retry_or_fail(ctx: WorkerContext, job_id: int, reason: str, claim: dict[str, Any]) -> JobState:
     now = utcnow()
     with ctx.sessions.begin() as s:
-        job = s.get(Job, job_id)
+        job = _locked_job(s, job_id)
         assert job is not None
-        job.claimed_by = ""
+        if not _holds(job, claim):
+            log.warning("job %d: lease lost to %s; this failure is dropped", job_id, job.claimed_by or "none")
+            return job.state
+        job.claimed_by, job.lease_expires_at = "", None
         if job.attempts >= ctx.settings.max_attempts:
             job.state, job.reason = JobState.FAILED, reason
             log.error("job %d FAILED after %d attempts: %s", job_id, job.attempts, reason)
@@ -376,53 +535,97 @@ def _retry_or_fail(ctx: WorkerContext, job_id: int, reason: str) -> JobState:
         return JobState.QUEUED
 
 
+def _claim_delivery(
+    ctx: WorkerContext, now: datetime, skip: set[int]
+) -> tuple[int, int, str, str, int, str, str, str] | None:
+    """Claim one due PENDING delivery of a REPORTED job (not in ``skip``), as claim_next_job claims jobs:
+    PostgreSQL ``FOR UPDATE SKIP LOCKED``, SQLite a conditional UPDATE; a claim whose lease expired (its
+    worker died while sending) may be taken over. Returns (id, attempts, destination, sr_path, job id,
+    study UID, SR UID, report files) with ``attempts`` already counting this attempt, or None."""
+    lease_until = now + timedelta(seconds=ctx.settings.lease_seconds)
+    claimable = and_(
+        Delivery.state == DeliveryState.PENDING,
+        Delivery.next_run_at <= now,
+        or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now),
+    )
+    with ctx.sessions.begin() as s:
+        candidates = s.execute(
+            select(Delivery.id, Delivery.attempts)
+            .join(Job, Delivery.job_pk == Job.id)
+            .where(claimable, Job.state == JobState.REPORTED, Delivery.id.not_in(skip))
+            .order_by(Delivery.next_run_at)
+            .limit(5)
+            .with_for_update(of=Delivery.__table__, skip_locked=True)  # SQLite: the conditional UPDATE
+        ).all()
+        for delivery_id, attempts in candidates:
+            got = cast(
+                CursorResult[Any],
+                s.execute(
+                    update(Delivery)
+                    .where(Delivery.id == delivery_id, Delivery.attempts == attempts, claimable)
+                    .values(claimed_by=ctx.worker_id, lease_expires_at=lease_until, attempts=attempts + 1)
+                ),
+            ).rowcount
+            if got != 1:
+                continue
+            row = s.execute(
+                select(Delivery.destination, Job.sr_path, Job.id, Study.study_uid, Job.sr_sop_instance_uid,
+                       Job.report_files)
+                .join(Job, Delivery.job_pk == Job.id)
+                .join(Study, Job.study_pk == Study.id)
+                .where(Delivery.id == delivery_id)
+            ).one()
+            return (int(delivery_id), int(attempts) + 1, *row)
+    return None
+
+
 def deliver_due(ctx: WorkerContext, now: datetime | None = None) -> int:
-    """Send due PENDING deliveries; a job whose deliveries all succeeded becomes DELIVERED.
+    """Send due PENDING deliveries, one claimed at a time (so several workers share them and none is sent
+    by two at once); a job whose deliveries all succeeded becomes DELIVERED.
 
     Returns sent count.
     """
     now = now or utcnow()
-    with ctx.sessions() as s:
-        due = s.execute(
-            select(Delivery.id, Delivery.destination, Job.sr_path, Job.id, Study.study_uid,
-                   Job.sr_sop_instance_uid, Job.report_files)
-            .join(Job, Delivery.job_pk == Job.id)
-            .join(Study, Job.study_pk == Study.id)
-            .where(
-                Delivery.state == DeliveryState.PENDING,
-                Delivery.next_run_at <= now,
-                Job.state == JobState.REPORTED,
-            )
-        ).all()
     sent = 0
-    for delivery_id, destination, sr_path, job_id, study_uid, sr_uid, report_files in due:
+    tried: set[int] = set()
+    while (claimed := _claim_delivery(ctx, now, tried)) is not None:
+        delivery_id, attempt, destination, sr_path, job_id, study_uid, sr_uid, report_files = claimed
+        tried.add(delivery_id)
+        claim = {"state": DeliveryState.PENDING, "claimed_by": ctx.worker_id, "attempts": attempt}
         error, final, wait = "", False, 0.0
-        try:
-            extra = [ctx.files.abspath(p) for p in json.loads(report_files or "[]")]
-            _send(ctx, destination, ctx.files.abspath(sr_path), extra)
-        except (DeliveryError, OSError, ValueError, RuntimeError) as exc:
-            error = str(exc) or type(exc).__name__
-            # Refused for good (an invalid Bundle, 4xx): FAILED with the reason; anything else waits.
-            final = getattr(exc, "retryable", True) is False or isinstance(exc, InvalidParameterError)
-            wait = float(getattr(exc, "retry_after", None) or 0.0)
+        with Heartbeat(ctx.sessions, Delivery, delivery_id, claim, ctx.settings.lease_seconds):
+            try:
+                extra = [ctx.files.abspath(p) for p in json.loads(report_files or "[]")]
+                _send(ctx, destination, ctx.files.abspath(sr_path), extra)
+            except (DeliveryError, OSError, ValueError, RuntimeError) as exc:
+                error = str(exc) or type(exc).__name__
+                # Refused for good (an invalid Bundle, 4xx): FAILED with the reason; anything else waits.
+                final = getattr(exc, "retryable", True) is False or isinstance(exc, InvalidParameterError)
+                wait = float(getattr(exc, "retry_after", None) or 0.0)
         with ctx.sessions.begin() as s:
+            job = _locked_job(s, job_id)  # serialises the "all delivered?" check between workers
             d = s.get(Delivery, delivery_id)
-            assert d is not None
-            d.attempts += 1
-            if not error:
+            if d is None or not _holds(d, claim):
+                # Hung past its lease: another worker owns the delivery now and records its own outcome.
+                log.warning("job %d: delivery %d: lease lost; outcome dropped", job_id, delivery_id)
+            elif not error:
+                d.claimed_by, d.lease_expires_at = "", None
                 d.state, d.delivered_at, d.last_error = DeliveryState.DELIVERED, utcnow(), ""
                 sent += 1
                 log.info("job %d: report delivered to %s", job_id, _redact(destination))
             elif final:
+                d.claimed_by, d.lease_expires_at = "", None
                 d.state, d.last_error = DeliveryState.FAILED, error
                 log.error("job %d: delivery to %s FAILED: %s", job_id, _redact(destination), error)
             else:
+                d.claimed_by, d.lease_expires_at = "", None
                 d.last_error = error
                 d.next_run_at = utcnow() + max(backoff(ctx.settings, d.attempts), timedelta(seconds=wait))
                 log.warning("job %d: delivery to %s failed (attempt %d, retry at %s): %s",
                             job_id, _redact(destination), d.attempts, d.next_run_at, error)
-            job = s.get(Job, job_id)
-            if job and job.deliveries and all(x.state == DeliveryState.DELIVERED for x in job.deliveries):
+            if job and job.state is JobState.REPORTED and job.deliveries and all(
+                x.state == DeliveryState.DELIVERED for x in job.deliveries
+            ):
                 job.state = JobState.DELIVERED
         ctx.audit_record(_export_event(ctx, destination, study_uid, sr_uid, error))
     return sent
@@ -449,7 +652,14 @@ def _send(ctx: WorkerContext, destination: str, sr_file: Path, extra: list[Path]
         post_bundle(bundle, base_url=target, token=st.read_fhir_token(), client_cert=cert,
                     ca_file=st.fhir_ca_file or None, timeout=st.fhir_timeout_seconds)
         return
-    send_files(Destination.parse(destination), [sr_file], ctx.settings.ae_title, optional=extra)
+    dest = Destination.parse(destination)
+    tls = None
+    if dest.tls:
+        from service.tls import client_context
+
+        st = ctx.settings
+        tls = client_context(st.dicom_tls_cert, st.dicom_tls_key, st.dicom_tls_ca_file, what="dicom_tls")
+    send_files(dest, [sr_file], ctx.settings.ae_title, optional=extra, tls=tls)
 
 
 def _export_event(

@@ -1,8 +1,13 @@
-"""SQLAlchemy 2 models and the session factory. Dialect-neutral: SQLite (WAL) by default, PostgreSQL later.
+"""SQLAlchemy 2 models and the session factory. Dialect-neutral: SQLite (WAL) by default, or PostgreSQL
+(``postgresql://user@host:port/db``, psycopg 3) when several machines share the queue.
 
 The job table is the queue: APScheduler only ticks, workers claim due rows. Job states:
 RECEIVED → QUEUED → RUNNING → REPORTED → DELIVERED, or FAILED(reason); ``attempts`` and ``next_run_at``
-drive retries with backoff. A delivery row per (job, destination) tracks sending the report.
+drive retries with backoff. A delivery row per (job, destination) tracks sending the report. A claimed job
+or delivery holds a lease (``lease_expires_at``, renewed while it runs): once it expires, the row belongs to
+a worker that died and any worker may claim it.
+The schema is migrated by Alembic (service.store.schema; revisions in service/store/migrations/versions):
+a change to these models needs a new revision.
 PHI (patient name, id, birth date) lives only here and in the DICOM files, never in logs.
 """
 
@@ -16,6 +21,7 @@ from sqlalchemy import (
     DateTime,
     Enum,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -129,6 +135,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     claimed_by: Mapped[str] = mapped_column(String(128), default="")
+    #: While RUNNING: the claim is good until then (heartbeat-renewed); expired = its worker is gone.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     sr_path: Mapped[str] = mapped_column(String(1024), default="")  # relative to the file store root
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     #: The report's other objects (key images, encapsulated PDF), relative paths as a JSON list.
@@ -138,7 +146,10 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     study: Mapped[Study] = relationship()
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job")
-    __table_args__ = (UniqueConstraint("study_pk", "engine_version", name="uq_job_study_version"),)
+    __table_args__ = (
+        UniqueConstraint("study_pk", "engine_version", name="uq_job_study_version"),
+        Index("ix_job_state_next_run", "state", "next_run_at"),
+    )
 
 
 class Delivery(Base):
@@ -155,12 +166,27 @@ class Delivery(Base):
     next_run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_error: Mapped[str] = mapped_column(Text, default="")
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: The worker sending it now, and until when its claim holds (one sender at a time).
+    claimed_by: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     job: Mapped[Job] = relationship(back_populates="deliveries")
-    __table_args__ = (UniqueConstraint("job_pk", "destination", name="uq_delivery"),)
+    __table_args__ = (
+        UniqueConstraint("job_pk", "destination", name="uq_delivery"),
+        Index("ix_delivery_state_next_run", "state", "next_run_at"),
+    )
+
+
+def engine_url(url: str) -> str:
+    """``postgresql://`` (or ``postgres://``) means psycopg 3: ``postgresql+psycopg://``; others as given."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
 
 
 def make_engine(url: str) -> Engine:
     """Create the engine; SQLite gets WAL, a busy timeout and foreign keys (several threads write)."""
+    url = engine_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -177,9 +203,11 @@ def make_engine(url: str) -> Engine:
 
 
 def open_database(url: str) -> sessionmaker:
-    """Engine + tables (created if missing) → a session factory."""
+    """Engine + schema brought to the newest revision (service.store.schema.upgrade) → a session factory."""
+    from service.store.schema import upgrade
+
     engine = make_engine(url)
-    Base.metadata.create_all(engine)
+    upgrade(engine)
     return sessionmaker(engine, expire_on_commit=False)
 
 

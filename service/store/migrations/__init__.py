@@ -1,0 +1,1 @@
+"""Alembic migrations of the FaceSym database (configured in code: see service.store.schema)."""
