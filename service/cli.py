@@ -123,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     ax.add_argument("--since", help="ISO date/time: only records from then on")
     ax.add_argument("--format", choices=["jsonl", "xml"], default="jsonl")
 
+    pu = sub.add_parser("purge", help="remove studies (files, rows, reports) whose last activity is older "
+                        "than DAYS; each removal is audited (110105)")
+    pu.add_argument("--older-than", type=float, required=True, metavar="DAYS",
+                    help="remove studies with no activity (received, analysed, delivered) for this many days")
+    pu.add_argument("--dry-run", action="store_true", help="only list what would be removed and kept")
+    pu.add_argument("--force", action="store_true",
+                    help="also remove studies with unfinished or FAILED jobs or undelivered results")
+    pu.add_argument("--config", help="TOML settings file (store and database found as serve finds them)")
+
     dm = sub.add_parser("demo", help="send a phantom exam to FaceSym over DICOM and print the SR's scores")
     dm.add_argument("--config", help="TOML settings file (where FaceSym listens)")
     dm.add_argument(
@@ -455,6 +464,53 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return export_command(settings, args.since, args.format)
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    import getpass
+
+    from service.audit import AuditTrail
+    from service.audit.commands import _missing_sqlite_file
+    from service.config import load_settings
+    from service.store.db import open_database
+    from service.store.files import FileStore
+    from service.store.purge import purge
+
+    settings = load_settings(args.config)
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    missing = _missing_sqlite_file(settings.effective_database_url)
+    if missing is not None:  # nothing was ever stored: do not create a database to find that out
+        _console().print(f"no database at {missing}: nothing to purge")
+        return EXIT_OK
+    sessions = open_database(settings.effective_database_url)
+    trail = AuditTrail(sessions, source_id=settings.audit_source_id)
+    report = purge(sessions, FileStore(settings.files_dir), older_than_days=args.older_than,
+                   dry_run=args.dry_run, force=args.force, audit=trail.append, user=f"{user} (facesym purge)",
+                   local_ae=settings.ae_title)
+    console = _console()
+    # One plain line per study (greppable in a timer's journal; a table would fold the 64-character UIDs).
+    console.print(f"facesym purge: studies with no activity since {report.cutoff:%Y-%m-%d %H:%M} UTC"
+                  + (" (dry run: nothing is removed)" if report.dry_run else ""), soft_wrap=True)
+    for d in report.decisions:
+        size = f"{d.files} files, {d.bytes / 1e6:.1f} MB; " if d.files else ""
+        console.print(f"{d.action.upper():<12} {d.study_uid}  last activity {d.last_activity:%Y-%m-%d}; "
+                      f"{size}{d.reason}", soft_wrap=True, markup=False)
+    removed = report.with_action("removed", "would remove")
+    verb = "would remove" if report.dry_run else "removed"
+    summary = (
+        f"{verb} {len(removed)} stud{'y' if len(removed) == 1 else 'ies'} "
+        f"({sum(d.files for d in removed)} files, {sum(d.bytes for d in removed) / 1e6:.1f} MB); "
+        f"kept {len(report.with_action('kept'))} (see why); "
+        f"{report.recent} with activity in the last {args.older_than:g} days left alone"
+        + (f"; {len(report.with_action('error'))} ERROR(S)" if not report.ok else "")
+        + (f"; removed {report.leftovers_removed} leftover(s) of an interrupted purge"
+           if report.leftovers_removed else "")
+    )
+    console.print(summary, soft_wrap=True, markup=False)
+    return EXIT_OK if report.ok else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from service.config import load_settings
     from service.demo import run_demo
@@ -485,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "analyze": cmd_analyze, "phantom": cmd_phantom, "serve": cmd_serve, "demo": cmd_demo,
         "audit": cmd_audit, "train": cmd_train, "report": cmd_report,
+        "purge": cmd_purge,
         "user": cmd_user, "worker": cmd_worker, "db": cmd_db,
     }
     try:
