@@ -1,9 +1,10 @@
 """``/metrics``: the Prometheus text exposition format (version 0.0.4), written by hand.
 
-Counts only, never a UID or a name: jobs by state, deliveries by state, attempts and retries, the audit
-trail's length, and the analysis time as a histogram. Analysis seconds come from the audit trail (each
-analysis has a "begun" and a "finished" record carrying the job id), read incrementally: each scrape
-looks only at records newer than the last one seen.
+Counts only, never a UID or a name: jobs by state, deliveries by state, reports not delivered and the
+age of the oldest waiting one, how long due jobs wait for a worker, attempts and retries, the audit
+trail's length, and the analysis time as a histogram (deploy/prometheus/alerts.yaml alerts on them).
+Analysis seconds come from the audit trail (each analysis has a "begun" and a "finished" record carrying
+the job id), read incrementally: each scrape looks only at records newer than the last one seen.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import base64
 import threading
 import xml.etree.ElementTree as ET
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -88,6 +89,15 @@ def _analysis_mark(xml: str) -> tuple[str, str]:
     return kind, ""
 
 
+def _age(now: datetime, then: datetime | None) -> float:
+    """Seconds since ``then`` (SQLite hands back naive UTC datetimes); 0 for None or the future."""
+    if then is None:
+        return 0.0
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    return max(0.0, (now - then).total_seconds())
+
+
 def render(s: Session, times: AnalysisTimes) -> str:
     lines: list[str] = []
 
@@ -104,6 +114,27 @@ def render(s: Session, times: AnalysisTimes) -> str:
     family("facesym_deliveries", "gauge", "Report deliveries (job x destination) by state.")
     for ds in DeliveryState:
         lines.append(f'facesym_deliveries{{state="{ds.value}"}} {int(deliveries.get(ds, 0))}')
+
+    # For alerts (deploy/prometheus/alerts.yaml): results that wait, and work that nobody picks up.
+    now = datetime.now(UTC)
+    family("facesym_undelivered_reports", "gauge",
+           "Reports (job x engine version) with at least one delivery in this state: results not delivered.")
+    for ds in (DeliveryState.PENDING, DeliveryState.FAILED):
+        n = s.scalar(select(func.count(func.distinct(Delivery.job_pk))).where(Delivery.state == ds))
+        lines.append(f'facesym_undelivered_reports{{state="{ds.value}"}} {int(n or 0)}')
+    oldest_report = s.scalar(
+        select(func.min(Job.updated_at)).join(Delivery, Delivery.job_pk == Job.id)
+        .where(Job.state == JobState.REPORTED, Delivery.state == DeliveryState.PENDING)
+    )
+    family("facesym_oldest_pending_delivery_seconds", "gauge",
+           "Age of the oldest report still waiting for a PENDING delivery (0 when none).")
+    lines.append(f"facesym_oldest_pending_delivery_seconds {_age(now, oldest_report):.0f}")
+    oldest_due = s.scalar(
+        select(func.min(Job.next_run_at)).where(Job.state == JobState.QUEUED, Job.next_run_at <= now)
+    )
+    family("facesym_oldest_due_job_seconds", "gauge",
+           "How long the longest-waiting QUEUED job has been due without a worker taking it (0 when none).")
+    lines.append(f"facesym_oldest_due_job_seconds {_age(now, oldest_due):.0f}")
 
     job_attempts = int(s.scalar(select(func.coalesce(func.sum(Job.attempts), 0))) or 0)
     job_retries = int(s.scalar(select(func.coalesce(func.sum(Job.attempts - 1), 0)).where(Job.attempts > 1))
