@@ -23,22 +23,30 @@ _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no back
 
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer to send reports to: ``AETITLE@host:port``."""
+    """A DICOM peer to send reports to: ``AETITLE@host:port``, or ``AETITLE@host:port+tls`` for DICOM TLS
+    (the peer's certificate is verified against ``dicom_tls_ca_file``; FaceSym shows ``dicom_tls_cert``)."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        m = re.fullmatch(r"\s*([^@]+)@([^:@\s]+):(\d+)\s*", text)
+        m = re.fullmatch(r"\s*([^@]+)@([^:@\s]+):(\d+)(\+tls)?\s*", text, re.IGNORECASE)
         if not m or not _AE.match(m.group(1).strip()) or not 0 < int(m.group(3)) < 65536:
-            raise InvalidParameterError(f"destination must be AETITLE@host:port, got {text!r}")
-        return cls(m.group(1).strip(), m.group(2), int(m.group(3)))
+            raise InvalidParameterError(f"destination must be AETITLE@host:port[+tls], got {text!r}")
+        return cls(m.group(1).strip(), m.group(2), int(m.group(3)), bool(m.group(4)))
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
+
+#: Settings whose values are (or may hold) secrets themselves: never logged, only a salted slow hash reaches
+#: the audit trail (Settings.audit_view). Keys and the web session secret are files: only their paths are
+#: settings (dicom_tls_key, web_tls_key, fhir_client_key, audit_syslog_client_key, web_secret_key_file,
+#: fhir_token_file).
+SECRET_SETTINGS: tuple[str, ...] = ("database_url", "fhir_token", "fhir_base_url")
 
 #: Default task rules: case-insensitive regular expressions over SeriesDescription, ProtocolName,
 #: ImageComments and PerformedProcedureStepDescription; the first match wins, else ``auto``.
@@ -57,7 +65,14 @@ class Settings:
     data_dir: Path = Path("./var")
     database_url: str = ""  # default: sqlite:///<data_dir>/facesym.db
     dicom_host: str = "127.0.0.1"
-    dicom_port: int = 11112
+    dicom_port: int = 11112  # 0: no plain (non-TLS) port
+    # DICOM TLS (PS3.15 B.1, BCP 195; TLS 1.2+): the SCP also (or, with dicom_port = 0, only) listens here
+    dicom_tls_port: int = 0  # 0: off
+    dicom_tls_cert: str = ""  # FaceSym's certificate (PEM file, chain allowed): SCP's and deliveries' cert
+    dicom_tls_key: str = ""  # its private key (unencrypted PEM file, readable only by the service's user)
+    # CA bundle (PEM file) for DICOM TLS peers: when set, the TLS port requires a client certificate signed
+    # by it (others are refused and audited); `+tls` destinations are verified against it (else system CAs)
+    dicom_tls_ca_file: str = ""
     ae_title: str = "FACESYM"
     destinations: tuple[Destination, ...] = ()
     quiet_seconds: float = 30.0
@@ -94,6 +109,8 @@ class Settings:
     audit_source_id: str = ""  # AuditSourceID in every record; empty: facesym@<hostname>
     web_host: str = "127.0.0.1"  # web console and REST API
     web_port: int = 8080  # 0: no web console
+    web_tls_cert: str = ""  # with web_tls_key: the console speaks HTTPS only (HSTS, Secure cookies)
+    web_tls_key: str = ""  # its private key (unencrypted PEM file)
     web_secret_key_file: str = ""  # session-signing key; empty: <data_dir>/web_secret.key
     web_session_hours: float = 8.0
     # Decode limits (service/media/limits.py), checked before anything is allocated from a size the input
@@ -106,6 +123,21 @@ class Settings:
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'facesym.db').resolve()}"
+
+    def audit_view(self) -> dict[str, Any]:
+        """Every setting for the audit trail's configuration record (which keeps only digests of values):
+        secret-bearing values (:data:`SECRET_SETTINGS`) become a slow salted hash first, so that even the
+        digest is no cheap test of a guessed password or token. Settings that name key files keep the
+        path (never the content)."""
+        import hashlib
+
+        view: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in SECRET_SETTINGS:
+            value = str(view[name])
+            if value:
+                salt = f"facesym-setting|{name}".encode()
+                view[name] = "scrypt:" + hashlib.scrypt(value.encode(), salt=salt, n=2**14, r=8, p=1).hex()
+        return view
 
     @property
     def fhir_targets(self) -> tuple[str, ...]:
@@ -135,9 +167,19 @@ class Settings:
     def validate(self) -> Settings:
         if not _AE.match(self.ae_title):
             raise InvalidParameterError(f"ae_title must be 1–16 printable characters, got {self.ae_title!r}")
-        for name in ("dicom_port", "audit_syslog_port"):
-            if not 0 < getattr(self, name) < 65536:
-                raise InvalidParameterError(f"{name} must be 1–65535, got {getattr(self, name)}")
+        if not 0 < self.audit_syslog_port < 65536:
+            raise InvalidParameterError(f"audit_syslog_port must be 1–65535, got {self.audit_syslog_port}")
+        for name in ("dicom_port", "dicom_tls_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise InvalidParameterError(f"{name} must be 0 (off) or 1–65535, got {getattr(self, name)}")
+        if not self.dicom_port and not self.dicom_tls_port:
+            raise InvalidParameterError("dicom_port and dicom_tls_port are both 0: the SCP would not listen")
+        if self.dicom_tls_port and not (self.dicom_tls_cert and self.dicom_tls_key):
+            raise InvalidParameterError("dicom_tls_port needs dicom_tls_cert and dicom_tls_key")
+        if bool(self.dicom_tls_cert) != bool(self.dicom_tls_key):
+            raise InvalidParameterError("dicom_tls_cert and dicom_tls_key must be set together")
+        if bool(self.web_tls_cert) != bool(self.web_tls_key):
+            raise InvalidParameterError("web_tls_cert and web_tls_key must be set together")
         if not 0 <= self.web_port < 65536:
             raise InvalidParameterError(f"web_port must be 0 (off) or 1–65535, got {self.web_port}")
         if bool(self.audit_syslog_client_cert) != bool(self.audit_syslog_client_key):

@@ -132,9 +132,10 @@ def post_bundle(
     validate_bundle(bundle)
     parts = urlsplit(str(base_url).strip())
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise FhirDeliveryError(f"base_url must be an http(s) URL, got {base_url!r}")
+        raise FhirDeliveryError(f"base_url must be an http(s) URL, got scheme {parts.scheme!r}")
+    where = parts.netloc.rsplit("@", 1)[-1]  # host[:port]: never a user:password in logs and errors
     if parts.scheme == "http" and (token or client_cert):
-        log.warning("FHIR: sending credentials over plain http to %s", parts.netloc)
+        log.warning("FHIR: sending credentials over plain http to %s", where)
     url = str(base_url).strip()
     body = json.dumps(bundle, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
     headers = {"Content-Type": f"{FHIR_JSON}; charset=utf-8", "Accept": FHIR_JSON}
@@ -154,20 +155,20 @@ def post_bundle(
         with exc:
             error_body = exc.read(_MAX_ERROR_BODY) if exc.fp is not None else b""
         outcome = _outcome_text(error_body, exc.headers.get("Content-Type", "") if exc.headers else "")
-        log.warning("FHIR: %s answered %d to bundle %s", parts.netloc, exc.code, ident)
+        log.warning("FHIR: %s answered %d to bundle %s", where, exc.code, ident)
         raise FhirDeliveryError(
-            f"FHIR server {parts.netloc} answered {exc.code}: {outcome or exc.reason}",
+            f"FHIR server {where} answered {exc.code}: {outcome or exc.reason}",
             status=int(exc.code),
             outcome=outcome,
             retry_after=_retry_after(exc.headers.get("Retry-After") if exc.headers else None),
         ) from None
     except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        log.warning("FHIR: %s unreachable for bundle %s: %s", parts.netloc, ident, type(reason).__name__)
-        raise FhirDeliveryError(f"FHIR server {parts.netloc} unreachable: {reason}") from None
+        log.warning("FHIR: %s unreachable for bundle %s: %s", where, ident, type(reason).__name__)
+        raise FhirDeliveryError(f"FHIR server {where} unreachable: {reason}") from None
     if not 200 <= status < 300:  # 1xx/3xx that urllib handed back
-        raise FhirDeliveryError(f"FHIR server {parts.netloc} answered {status}", status=status)
-    log.info("FHIR: bundle %s accepted by %s (%d)", ident, parts.netloc, status)
+        raise FhirDeliveryError(f"FHIR server {where} answered {status}", status=status)
+    log.info("FHIR: bundle %s accepted by %s (%d)", ident, where, status)
 
 
 def _file_name(bundle: Mapping[str, Any]) -> str:

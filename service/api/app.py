@@ -254,16 +254,31 @@ def _install_handlers(app: FastAPI, web: Web) -> None:
             return JSONResponse({"detail": str(exc)}, status_code=403)
         return _page(web, request, "error.html", {"title": "Not allowed", "message": str(exc)}, None, 403)
 
+    @app.exception_handler(Exception)
+    async def _crashed(request: Request, exc: Exception) -> Response:
+        # Starlette answers an unhandled exception outside every middleware: the headers are set here.
+        log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__)
+        response = PlainTextResponse("Internal Server Error", status_code=500)
+        return _security_headers(request, response)
+
     @app.middleware("http")
     async def _headers(request: Request, call_next: Callable[[Request], Any]) -> Response:
         response: Response = await call_next(request)
-        response.headers.setdefault("Content-Security-Policy", CSP)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        if not request.url.path.startswith("/static/"):
-            response.headers.setdefault("Cache-Control", "no-store")
-        return response
+        return _security_headers(request, response)
+
+
+def _security_headers(request: Request, response: Response) -> Response:
+    """On every response: CSP (frame-ancestors 'none'), X-Frame-Options, nosniff, Referrer-Policy,
+    no caching of pages, and HSTS when the console is served over TLS."""
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    if request.url.scheme == "https":
+        response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+    if not request.url.path.startswith("/static/"):
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
 
 
 def _quote(s: str) -> str:

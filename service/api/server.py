@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.app import ServiceHooks, create_app
 from service.audit import AuditTrail
+from service.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -20,14 +21,16 @@ log = logging.getLogger(__name__)
 class WebHandle:
     """The running web server: ``url``, ``port``, and ``stop()``."""
 
-    def __init__(self, server: uvicorn.Server, thread: threading.Thread, host: str, port: int) -> None:
+    def __init__(
+        self, server: uvicorn.Server, thread: threading.Thread, host: str, port: int, tls: bool = False
+    ) -> None:
         self._server, self._thread = server, thread
-        self.host, self.port = host, port
+        self.host, self.port, self.tls = host, port, tls
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def stop(self, timeout: float = 10.0) -> None:
         self._server.should_exit = True
@@ -48,10 +51,14 @@ def start_web(
     port: int | None = None,
 ) -> WebHandle:
     """Serve the console and the API on ``settings.web_host``:``settings.web_port`` (127.0.0.1:8080 when
-    the settings lack them; ``host``/``port`` override; port 0 picks a free one). Returns once listening;
-    raises OSError when the address is taken."""
+    the settings lack them; ``host``/``port`` override; port 0 picks a free one). With ``web_tls_cert`` and
+    ``web_tls_key`` it speaks HTTPS only (TLS 1.2+). Returns once listening; raises OSError when the
+    address is taken, InvalidParameterError for unusable certificate or key files."""
     host = host if host is not None else str(getattr(settings, "web_host", "127.0.0.1") or "127.0.0.1")
     port = port if port is not None else int(getattr(settings, "web_port", 8080))
+    cert = str(getattr(settings, "web_tls_cert", "") or "")
+    key = str(getattr(settings, "web_tls_key", "") or "")
+    tls = server_context(cert, key, what="web_tls") if cert else None  # a clear error before uvicorn's
     app = create_app(settings, sessions, audit, service_hooks)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -66,7 +73,11 @@ def start_web(
     port = int(sock.getsockname()[1])
     # No access log: URLs carry study UIDs and search text (PHI stays out of the logs).
     config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
-                            proxy_headers=False, lifespan="off")
+                            proxy_headers=False, lifespan="off",
+                            ssl_certfile=cert or None, ssl_keyfile=key or None)
+    if tls is not None:
+        config.load()
+        config.ssl = tls  # ours: TLS 1.2 at least, and a passphrase-protected key never prompts
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="facesym-web", daemon=True)
     thread.start()
@@ -77,5 +88,6 @@ def start_web(
             sock.close()
             raise RuntimeError("the web console did not start")
         time.sleep(0.02)
-    log.info("web console on http://%s:%d", host, port)
-    return WebHandle(server, thread, host, port)
+    handle = WebHandle(server, thread, host, port, tls=tls is not None)
+    log.info("web console on %s", handle.url)
+    return handle

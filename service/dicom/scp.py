@@ -7,12 +7,23 @@ which pynetdicom deletes when the handler returns, so the handler hard-links it 
 ``.incoming`` folder (a copy when pynetdicom's temp dir is on another filesystem).
 
 No analysis happens here: the scheduler picks the study up after its quiet period.
+
+DICOM TLS (``dicom_tls_port``): a second listening server beside (or, with ``dicom_port = 0``, instead of)
+the plain one, same AE and handlers. The TLS handshake runs in the connection's own thread under a time
+limit, so a slow or hostile client never stalls the accept loop; a refused handshake (no, an untrusted or
+a self-signed client certificate when ``dicom_tls_ca_file`` is set) is logged and audited as a 110113
+Security Alert before any DICOM is spoken.
+
 Logs carry AE titles, addresses and UIDs only, never patient names, IDs or birth dates.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -28,6 +39,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
@@ -36,6 +48,7 @@ from service.config import Settings
 from service.dicom import status
 from service.store.files import FileStore
 from service.store.ingest import IngestResult, ingest
+from service.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +100,49 @@ _REJECTION_STATUS = {
 }
 
 
+#: Seconds a client has to complete the TLS handshake.
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+class FaceSymServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved from the accept loop (where pynetdicom does
+    it, blocking every other peer meanwhile) into the connection's thread, with a time limit; a failed
+    handshake is reported to ``on_tls_refused(client address, error)``. Shutting the server down also
+    shuts down its ``companions`` (the TLS server started beside the plain one)."""
+
+    def __init__(
+        self, *args: Any, on_tls_refused: Callable[[Any, OSError], None] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_tls_refused = on_tls_refused
+        self.companions: list[ThreadedAssociationServer] = []
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        listener = cast(socket.socket, self.socket)
+        client, address = listener.accept()
+        if self.ssl_context is None:
+            return client, address
+        client.settimeout(TLS_HANDSHAKE_TIMEOUT)
+        return self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.do_handshake()
+                request.settimeout(None)  # as pynetdicom has it for plain connections
+            except OSError as exc:  # ssl.SSLError, a timeout or a reset: refused before any DICOM
+                if self.on_tls_refused is not None:
+                    self.on_tls_refused(client_address, exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+    def shutdown(self) -> None:
+        for other in self.companions:
+            other.shutdown()
+        super().shutdown()
+
+
 @dataclass(frozen=True)
 class StoreContext:
     """What the C-STORE handler needs, passed through the event binding (no globals)."""
@@ -122,10 +178,17 @@ def start_scp(
     engine_version: str,
     audit: AuditTrail | None = None,
 ) -> ThreadedAssociationServer:
-    """Start the SCP in background threads on ``(settings.dicom_host, settings.dicom_port)``.
+    """Start the SCP in background threads on ``(settings.dicom_host, settings.dicom_port)`` and/or, with
+    TLS, on ``settings.dicom_tls_port`` (a port of 0 is off).
 
-    Returns the running server; stop it with :func:`stop` (or ``server.shutdown()``).
+    Returns the running server (the plain one when both run; the TLS one is its companion and stops with
+    it); stop it with :func:`stop` (or ``server.shutdown()``). Raises InvalidParameterError for unusable
+    TLS certificate, key or CA files, before anything listens.
     """
+    tls = None
+    if settings.dicom_tls_port:
+        tls = server_context(settings.dicom_tls_cert, settings.dicom_tls_key, settings.dicom_tls_ca_file,
+                             what="dicom_tls")
     files.clean_incoming()
     ae = build_ae(settings)
     ctx = StoreContext(settings, sessions, files, engine_version, audit)
@@ -136,17 +199,65 @@ def start_scp(
         (evt.EVT_ABORTED, _log_aborted),
         (evt.EVT_CONN_CLOSE, _audit_closed, [ctx]),
     ]
-    server = ae.start_server((settings.dicom_host, settings.dicom_port), block=False, evt_handlers=handlers)
-    assert server is not None  # block=False always returns the server
+    servers: list[FaceSymServer] = []
+    try:
+        for port, context in ((settings.dicom_port, None), (settings.dicom_tls_port, tls)):
+            if port:
+                servers.append(_serve(ae, (settings.dicom_host, port), handlers, context, ctx))
+    except BaseException:
+        for server in servers:
+            server.shutdown()
+        raise
+    main, servers[0].companions = servers[0], list(servers[1:])
     log.info(
-        "storage SCP %s listening on %s:%d (max %d associations, calling AEs: %s)",
+        "storage SCP %s listening on %s (max %d associations, calling AEs: %s)",
         settings.ae_title,
-        settings.dicom_host,
-        settings.dicom_port,
+        " and ".join(
+            f"{settings.dicom_host}:{port} ({kind})"
+            for port, kind in (
+                (settings.dicom_port, "plain"),
+                (settings.dicom_tls_port,
+                 "TLS, client certificate required" if settings.dicom_tls_ca_file else "TLS"),
+            )
+            if port
+        ),
         settings.max_associations,
         ",".join(settings.allowed_calling_aes) or "any",
     )
+    return main
+
+
+def _serve(
+    ae: AE, address: tuple[str, int], handlers: list[Any], tls: ssl.SSLContext | None, ctx: StoreContext
+) -> FaceSymServer:
+    """What ``ae.start_server(block=False)`` does, with our server class."""
+    server = cast(FaceSymServer, ae.make_server(
+        address, ssl_context=tls, evt_handlers=handlers, server_class=FaceSymServer,
+        on_tls_refused=lambda peer, exc: _tls_refused(ctx, address[1], peer, exc),
+    ))
+    thread = threading.Thread(target=make_target(server.serve_forever), name=f"facesym-scp-{address[1]}",
+                              daemon=True)
+    thread.start()
+    ae._servers.append(server)  # as start_server does: server.shutdown() removes it again
     return server
+
+
+def _tls_refused(ctx: StoreContext, port: int, peer: Any, exc: OSError) -> None:
+    """A TLS handshake on the SCP's TLS port failed: log and audit it (110113, TLS failure)."""
+    ip = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = f"client certificate not trusted ({exc.verify_message})"
+    elif isinstance(exc, ssl.SSLError):
+        why = str(exc.reason or type(exc).__name__)
+        why = {"PEER_DID_NOT_RETURN_A_CERTIFICATE": "no client certificate",
+               "WRONG_VERSION_NUMBER": "not TLS (plain DICOM or another protocol?)",
+               "HTTP_REQUEST": "not TLS (an HTTP request)"}.get(why, why)
+    else:
+        why = f"{type(exc).__name__} during the handshake"
+    log.warning("TLS handshake refused from %s on port %d: %s", ip, port, why)
+    if ctx.audit is not None:
+        ctx.audit.record(security_alert("tls_failure", "", ip, local_ae=ctx.settings.ae_title,
+                                        description=f"DICOM TLS handshake refused: {why}"[:200]))
 
 
 def stop(server: ThreadedAssociationServer) -> None:

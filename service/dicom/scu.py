@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,13 +26,19 @@ def send_files(
     calling_ae: str,
     timeout: float = 30.0,
     optional: Sequence[Path] = (),
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """C-STORE every file in ``paths`` (then ``optional``) to ``destination`` in one association.
+
+    A ``+tls`` destination needs ``tls``, a client context (:func:`service.tls.client_context`): the peer's
+    certificate must chain to its CAs and name ``destination.host``.
 
     Raises DeliveryError unless every object got a success (0x0000) or warning (0xB000–0xBFFF) status.
     ``optional`` objects (key images, PDF) whose SOP class the peer refused at negotiation are skipped with
     a warning: a destination that takes only SR still gets the numbers.
     """
+    if destination.tls and tls is None:
+        raise DeliveryError(f"{destination}: a TLS destination needs a TLS context")
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     datasets = [dcmread(p) for p in paths]
@@ -41,10 +48,12 @@ def send_files(
     for uid in sorted({str(ds.SOPClassUID) for ds in datasets + extras}):
         own = {str(ds.file_meta.TransferSyntaxUID) for ds in datasets + extras if ds.SOPClassUID == uid}
         ae.add_requested_context(uid, sorted(own | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = (tls, destination.host) if destination.tls and tls is not None else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         raise DeliveryError(
-            f"association with {destination} was not established (refused, aborted or unreachable)"
+            f"association with {destination} was not established (refused, aborted, unreachable"
+            + (" or TLS handshake failed)" if tls_args else ")")
         )
     accepted = {c.abstract_syntax for c in assoc.accepted_contexts}
     for ds in extras:

@@ -17,7 +17,6 @@ import os
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -77,8 +76,7 @@ class FaceSymService:
             self._forwarder = forwarder_from_settings(self.audit, self.settings)
         self.audit.record(application_activity("start", local_ae=ae))
         if self.receive:  # one process notes the configuration (workers would note theirs alternately)
-            self.audit.note_settings({f.name: getattr(self.settings, f.name) for f in fields(self.settings)},
-                                     local_ae=ae)
+            self.audit.note_settings(self.settings.audit_view(), local_ae=ae)  # secrets: salted slow hashes
         if self.receive and self.analyse and database_dialect(self.sessions) == "sqlite":
             recover_interrupted(self.sessions)  # single machine: a RUNNING job's worker was this process
         if self.receive:
