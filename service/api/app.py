@@ -256,8 +256,8 @@ def _install_handlers(app: FastAPI, web: Web) -> None:
 
     @app.exception_handler(Exception)
     async def _crashed(request: Request, exc: Exception) -> Response:
-        # Starlette answers an unhandled exception outside every middleware: the headers are set here.
-        log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__)
+        # Starlette answers an unhandled exception outside every middleware: the headers are set here
+        # (the exception is re-raised afterwards and logged by the server).
         response = PlainTextResponse("Internal Server Error", status_code=500)
         return _security_headers(request, response)
 
@@ -513,6 +513,9 @@ def _page_routes(app: FastAPI, web: Web) -> None:  # noqa: C901 - one function p
 
 
 def _set_cookie(request: Request, resp: Response, name: str, value: str, max_age: int) -> None:
+    # SameSite=Strict, not Lax: nothing signs in across sites (no SSO redirect comes back to us), so the only
+    # cost is that a link from another site (an EHR, an e-mail) shows the login page first; Lax would
+    # still send the session on such top-level GETs, and every GET here is an audited view of patient data.
     resp.set_cookie(name, value, max_age=max_age, path="/", httponly=True, samesite="strict",
                     secure=request.url.scheme == "https")
 
