@@ -190,6 +190,9 @@ class Settings:
             raise InvalidParameterError(
                 f"fhir_reference_mode must be conditional or logical, got {self.fhir_reference_mode!r}"
             )
+        if "@" in self.fhir_base_url.split("://", 1)[-1].split("/", 1)[0]:  # not named: it holds a secret
+            raise InvalidParameterError("fhir_base_url must not carry a user:password; give the bearer token "
+                                        "in fhir_token_file (or FACESYM_FHIR_TOKEN)")
         if bool(self.fhir_client_cert) != bool(self.fhir_client_key):
             raise InvalidParameterError("fhir_client_cert and fhir_client_key must be set together")
         if self.duplicate_policy not in ("version", "reject"):

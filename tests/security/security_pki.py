@@ -11,6 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from conftest import require_peer
 
 
@@ -69,3 +70,13 @@ def make_pki(folder: Path) -> Pki:
         rogue_server=_leaf(folder, "rogue-server", rogue),
         self_signed=Pair(folder / "self.crt", folder / "self.key"),
     )
+
+
+_SHARED: list[Pki] = []
+
+
+def shared_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """One PKI for the whole run (each test module's ``pki`` fixture calls this): keys take a while."""
+    if not _SHARED:
+        _SHARED.append(make_pki(tmp_path_factory.getbasetemp() / "security-pki"))
+    return _SHARED[0]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import free_port, require_peer, require_private_netns
-from security_pki import Pair, Pki, make_pki
+from security_pki import Pair, Pki, shared_pki
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
@@ -38,7 +38,7 @@ from service.tls import client_context
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+    return shared_pki(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

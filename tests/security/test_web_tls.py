@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from security_pki import Pki, make_pki
+from security_pki import Pki, shared_pki
 
 from service.api import start_web
 from service.audit import AuditTrail
@@ -27,7 +27,7 @@ PASSWORD = "correct horse battery"
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+    return shared_pki(tmp_path_factory)
 
 
 @pytest.fixture(autouse=True)
