@@ -4,6 +4,8 @@ and that a failure or a concurrent C-STORE loses nothing. Real SQLite store, rea
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,9 +42,9 @@ PHI_NAME = "DOE^JANE"
 
 
 class Store:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, url: str = "") -> None:
         self.root = root
-        self.sessions = open_database(f"sqlite:///{root / 'facesym.db'}")
+        self.sessions = open_database(url or f"sqlite:///{root / 'facesym.db'}")
         self.files = FileStore(root / "files")
         self.trail = AuditTrail(self.sessions)
 
@@ -118,7 +120,34 @@ def store(tmp_path: Path):
     st.sessions.kw["bind"].dispose()
 
 
-def test_old_delivered_study_is_removed_whole_and_audited(store: Store) -> None:
+@pytest.fixture(scope="module")
+def postgres():
+    """A throw-away PostgreSQL (Debian's postgresql-15, as in tests/scaleout) for the purge's locking path."""
+    from conftest import require_peer
+    from scaleout.pg_server import PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    require_peer(str(bindir / "initdb") if bindir else "initdb")
+    if os.geteuid() == 0:
+        require_peer("runuser")
+    with PostgresServer(bindir) as server:  # type: ignore[arg-type]
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path):
+    """The same checks on SQLite (BEGIN IMMEDIATE) and PostgreSQL (SELECT ... FOR UPDATE)."""
+    url = ""
+    if request.param == "postgresql":
+        pg = request.getfixturevalue("postgres")
+        url = pg.create_database(f"purge_{secrets.token_hex(4)}")
+    st = Store(tmp_path, url)
+    yield st
+    st.sessions.kw["bind"].dispose()
+
+
+def test_old_delivered_study_is_removed_whole_and_audited(any_store: Store) -> None:
+    store = any_store
     old = store.study(90, patient_id="MRN-OLD")
     recent = store.study(2)
     assert store.folders(old) == (True, True)
@@ -206,7 +235,8 @@ def test_patient_with_another_study_is_kept(store: Store) -> None:
     assert store.count(Patient, Patient.patient_id == "MRN-SHARED") == 1
 
 
-def test_failed_commit_puts_everything_back(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_commit_puts_everything_back(any_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = any_store
     old = store.study(90)
     before = sorted(p.relative_to(store.files.root) for p in store.files.root.rglob("*") if p.is_file())
 
@@ -225,8 +255,9 @@ def test_failed_commit_puts_everything_back(store: Store, monkeypatch: pytest.Mo
 
 
 def test_object_arriving_during_the_purge_keeps_the_study(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    any_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    store = any_store
     old = store.study(90, patient_id="MRN-LATE")
     real_lock = purge_mod._lock_study
     late: list[str] = []
