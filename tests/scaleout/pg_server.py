@@ -108,7 +108,7 @@ class PostgresServer:
 
         with psycopg.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, dbname=database,
                              autocommit=True, connect_timeout=5) as conn:
-            cur = conn.execute(sql)  # type: ignore[arg-type]
+            cur = conn.execute(sql.encode())
             return list(cur.fetchall()) if cur.description else []
 
     def create_database(self, name: str) -> str:

@@ -122,9 +122,10 @@ class CountingReceiver:
                     self.sr_studies[str(ds.StudyInstanceUID)] += 1
             return 0x0000
 
-        self.server = ae.start_server(("127.0.0.1", 0), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        self.port = int(self.server.server_address[1])
+        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert server is not None
+        self.server = server
+        self.port = int(server.server_address[1])
 
     def snapshot(self) -> tuple[Counter[str], Counter[str]]:
         with self._lock:
