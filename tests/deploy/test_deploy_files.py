@@ -455,6 +455,38 @@ def test_dockerfile_is_multi_stage_non_root_and_consistent(figures: Any) -> None
     assert bad.returncode != 0 and "DL3007" in bad.stdout  # the linter is live
 
 
+def test_image_install_steps_work_without_docker(tmp_path: Path) -> None:
+    """The build stage's own steps, minus Docker and the network: a non-editable install of the package
+    (what `pip install -c constraints.txt .` puts in the image), the grader model copied where the
+    Dockerfile copies it, then the Dockerfile's model check and `facesym db upgrade` from that install
+    (package data: templates, migrations)."""
+    site, src = tmp_path / "site-packages", tmp_path / "src"  # a copy: the build writes into its source tree
+    shutil.copytree(REPO / "service", src / "service", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+           "--no-compile", "--target", str(site), str(src)]
+    run = subprocess.run(pip, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    build = dockerfile_stages()[0]["instructions"]
+    prefix = "/opt/facesym/lib/python3.11/site-packages"
+    [(src, dest)] = [tuple(shlex.split(a)) for k, a in build if k == "COPY" and prefix in a]
+    shutil.copytree(REPO / src, site / Path(dest).relative_to(prefix))
+    check = next(a for k, a in build if k == "RUN" and "read_model_dir" in a)
+    code = shlex.split(check)[2]  # /opt/facesym/bin/python -c "<code>"
+    env = {**os.environ, "PYTHONPATH": str(site), "FACESYM_DATA_DIR": str(tmp_path / "data")}
+    env.pop("FACESYM_DATABASE_URL", None)
+    model = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    assert model.returncode == 0 and f"grader model OK: {site}" in model.stdout, model.stdout + model.stderr
+    probe = ("import sys; import service; assert service.__file__.startswith(sys.argv[1]), service.__file__; "
+             "from service.cli import main; sys.exit(main(['db', 'upgrade']))")
+    upgrade = subprocess.run([sys.executable, "-c", probe, str(site)], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert upgrade.returncode == 0 and "revision" in upgrade.stdout, upgrade.stdout + upgrade.stderr
+    assert (site / "service" / "api" / "templates" / "worklist.html").is_file()
+
+
 # --- entrypoint + PostgreSQL password -----------------------------------------------------------------------
 
 
