@@ -95,7 +95,8 @@ def _locked_job(s: Session, job_id: int) -> Job | None:
 
 
 def recover_interrupted(sessions: sessionmaker[Session]) -> int:
-    """At start-up: jobs left RUNNING by a crash go back to QUEUED. Returns how many.
+    """At start-up: jobs left RUNNING by a crash go back to QUEUED, and deliveries it was sending are
+    released at once (not after their lease). Returns how many jobs.
 
     Only right when this process is the database's only worker (SQLite, one machine): with shared
     PostgreSQL, another worker's RUNNING job is alive, and expired leases do this job (claim_next_job).
@@ -109,6 +110,9 @@ def recover_interrupted(sessions: sessionmaker[Session]) -> int:
                 .values(state=JobState.QUEUED, claimed_by="", lease_expires_at=None)
             ),
         ).rowcount
+        s.execute(
+            update(Delivery).where(Delivery.claimed_by != "").values(claimed_by="", lease_expires_at=None)
+        )
     if n:
         log.warning("recovered %d job(s) left RUNNING by an earlier process", n)
     return int(n or 0)

@@ -29,6 +29,7 @@ from service.jobs.worker import (
     claim_next_job,
     process_job,
     promote_stable_studies,
+    recover_interrupted,
 )
 from service.store.db import Delivery, DeliveryState, Job, JobState, Patient, Study, open_database, utcnow
 from service.store.files import FileStore
@@ -173,6 +174,24 @@ def test_a_delivery_has_one_sender_at_a_time(sessions: sessionmaker[Session], tm
     with sessions() as s:
         d = s.scalars(select(Delivery)).one()
         assert (d.claimed_by, d.attempts) == ("w2", 2)
+
+
+def test_a_restarted_single_process_releases_its_jobs_and_deliveries_at_once(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """SQLite, one machine: `facesym serve` starting again after a crash takes back what the dead process
+    held without waiting for the leases (recover_interrupted)."""
+    (job_id,) = _jobs(sessions, 1)
+    (reported,) = _jobs(sessions, 1, JobState.REPORTED)
+    with sessions.begin() as s:
+        s.add(Delivery(job_pk=reported, destination="NOWHERE@127.0.0.1:9", state=DeliveryState.PENDING,
+                       next_run_at=utcnow() - timedelta(seconds=1)))
+    ctx = _ctx(sessions, tmp_path, "dead")
+    assert claim_next_job(sessions, "dead", lease_seconds=60) == job_id
+    assert _claim_delivery(ctx, utcnow(), set()) is not None
+    assert recover_interrupted(sessions) == 1
+    assert claim_next_job(sessions, "new", lease_seconds=60) == job_id
+    assert _claim_delivery(_ctx(sessions, tmp_path, "new"), utcnow(), set()) is not None
 
 
 def test_racing_promoters_promote_each_study_once(sessions: sessionmaker[Session]) -> None:
