@@ -360,7 +360,10 @@ def cmd_db(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     url = settings.effective_database_url
     if url.startswith("sqlite:///"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FaceSymError(f"data_dir {settings.data_dir}: {exc.strerror}") from None
     engine = make_engine(url)
     try:
         if args.db_command == "upgrade":

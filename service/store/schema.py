@@ -19,19 +19,26 @@ database at head.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
-from sqlalchemy.engine import Connection, Engine
+# Alembic announces each of its autogenerate plugins at INFO when imported: noise in every service log.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
-from service.errors import FaceSymError
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
+from sqlalchemy import inspect, text  # noqa: E402
+from sqlalchemy.engine import Connection, Engine  # noqa: E402
+from sqlalchemy.exc import DBAPIError  # noqa: E402
+
+from service.errors import FaceSymError  # noqa: E402
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 BASELINE = "0001_baseline"
@@ -43,6 +50,22 @@ _LOCAL = threading.Lock()  # and within one process
 
 class SchemaError(FaceSymError):
     """The database's schema cannot be brought to this FaceSym's head revision (the message says why)."""
+
+
+class DatabaseUnavailableError(FaceSymError):
+    """The database cannot be reached or opened (the message names it without any password)."""
+
+
+@contextmanager
+def _reachable(engine: Engine) -> Iterator[None]:
+    try:
+        yield
+    except DBAPIError as exc:
+        if not exc.connection_invalidated and exc.orig is None:
+            raise
+        where = engine.url.render_as_string(hide_password=True)
+        first = str(exc.orig or exc).strip().splitlines()[0]
+        raise DatabaseUnavailableError(f"cannot use the database {where}: {first}") from None
 
 
 @dataclass(frozen=True)
@@ -84,7 +107,7 @@ def known_revisions() -> set[str]:
 
 def current_revision(engine: Engine) -> str | None:
     """The database's revision, or None when it has no alembic_version (empty, or made by create_all)."""
-    with engine.connect() as conn:
+    with _reachable(engine), engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
@@ -102,7 +125,7 @@ def upgrade(engine: Engine) -> UpgradeResult:
     before = current_revision(engine)
     if before == head:
         return UpgradeResult(before, head)
-    with _LOCAL, engine.connect() as conn:
+    with _LOCAL, _reachable(engine), engine.connect() as conn:
         _lock(conn)
         before = MigrationContext.configure(conn).get_current_revision()  # another process may have done it
         if before == head:
