@@ -36,7 +36,7 @@ from alembic.runtime.migration import MigrationContext  # noqa: E402
 from alembic.script import ScriptDirectory  # noqa: E402
 from sqlalchemy import inspect, text  # noqa: E402
 from sqlalchemy.engine import Connection, Engine  # noqa: E402
-from sqlalchemy.exc import DBAPIError  # noqa: E402
+from sqlalchemy.exc import InterfaceError, OperationalError  # noqa: E402
 
 from service.errors import FaceSymError  # noqa: E402
 
@@ -60,9 +60,7 @@ class DatabaseUnavailableError(FaceSymError):
 def _reachable(engine: Engine) -> Iterator[None]:
     try:
         yield
-    except DBAPIError as exc:
-        if not exc.connection_invalidated and exc.orig is None:
-            raise
+    except (OperationalError, InterfaceError) as exc:  # cannot connect, refused, no such file, locked...
         where = engine.url.render_as_string(hide_password=True)
         first = str(exc.orig or exc).strip().splitlines()[0]
         raise DatabaseUnavailableError(f"cannot use the database {where}: {first}") from None
