@@ -275,6 +275,7 @@ def analysed_in(log: str) -> list[str]:
 def test_three_workers_analyse_and_deliver_fifty_studies_exactly_once(
     pg: PostgresServer, templates: tuple[Path, Path], tmp_path: Path, figures: Any
 ) -> None:
+    require_peer("storescu")
     n_studies, n_workers = 50, 3
     studies = make_studies(templates, n_studies, tmp_path, "A")
     url = pg.create_database("scale_a")
@@ -330,6 +331,7 @@ def test_a_killed_workers_job_is_taken_over_after_its_lease_and_delivered_once(
 
     from service.store.db import engine_url
 
+    require_peer("storescu")
     lease = 5
     studies = make_studies(templates, 1, tmp_path, "B")
     (study_uid,) = studies
