@@ -537,10 +537,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _quiet_pydicom() -> None:
+    """pydicom warns, and logs, about every malformed value it reads, quoting the value (patient names
+    included), and logs a traceback for every frame it cannot decode. FaceSym reads hostile input by design,
+    reports what it could not read in its own words, and logs no patient data: value checks on reading off
+    (reading itself is unchanged; writing still validates) and pydicom's own log quiet."""
+    from pydicom import config as pydicom_config
+
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_pydicom()
     handlers = {
         "analyze": cmd_analyze, "phantom": cmd_phantom, "serve": cmd_serve, "demo": cmd_demo,
         "audit": cmd_audit, "train": cmd_train, "report": cmd_report,

@@ -119,6 +119,7 @@ class Settings:
     max_frame_pixels: int = 4096 * 2160  # width x height of one frame: DCI 4K (and UHD) pass, 8K is refused
     max_frames: int = 5400  # 3 min at 30 frames/s: an exam takes under a minute; ~75 kB kept per frame
     max_file_mb: int = 2048  # one received object or input file (a 3-min 4K H.264 clip is ~1.1 GB)
+    max_image_pixels: int = 24_000_000  # one still image (photo, single-frame DICOM): 24 MP passes, 8K not
 
     @property
     def effective_database_url(self) -> str:
@@ -158,7 +159,7 @@ class Settings:
     def decode_limits(self) -> DecodeLimits:
         from service.media.limits import DecodeLimits
 
-        return DecodeLimits(self.max_frame_pixels, self.max_frames, self.max_file_mb)
+        return DecodeLimits(self.max_frame_pixels, self.max_frames, self.max_file_mb, self.max_image_pixels)
 
     @property
     def files_dir(self) -> Path:
@@ -207,7 +208,7 @@ class Settings:
         if self.lease_seconds <= 0:
             raise InvalidParameterError(f"lease_seconds must be > 0, got {self.lease_seconds}")
         for name in ("max_associations", "max_attempts", "max_frame_pixels", "max_frames",
-                     "max_file_mb"):
+                     "max_file_mb", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
         for task, pattern in self.task_rules:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from service.domain import Analysis, Quality, Task
 from service.engine.pipeline import analyze_frames, analyze_photos
 from service.errors import NotAnalysableError, UnreadableInputError
@@ -59,7 +61,7 @@ def analyse_study(inputs: list[InstanceInput], limits: DecodeLimits | None = Non
     reason; a lone rest photo gives the static items.
     """
     out: list[InstanceAnalysis] = []
-    photos: list[tuple[InstanceInput, object]] = []
+    photos: list[InstanceInput] = []  # decoded again when paired: never all of a study's photos in memory
     for item in inputs:
         try:
             source = open_media(item.path, limits=limits)
@@ -69,7 +71,7 @@ def analyse_study(inputs: list[InstanceInput], limits: DecodeLimits | None = Non
             continue
         info = source.info
         if info.kind == "image" and (info.frames or 1) == 1:
-            photos.append((item, next(iter(source.frames())).rgb))
+            photos.append(item)
             continue
         counted = [0]
 
@@ -84,7 +86,7 @@ def analyse_study(inputs: list[InstanceInput], limits: DecodeLimits | None = Non
             reasons = exc.reasons if isinstance(exc, NotAnalysableError) else [f"unreadable: {exc}"]
             analysis = Analysis(Quality(False, tuple(reasons), (), 0, counted[0]), ())
         out.append(InstanceAnalysis(item, analysis, counted[0], info.fps))
-    out.extend(_analyse_photos(photos))
+    out.extend(_analyse_photos(photos, limits))
     order = {i.sop_instance_uid: k for k, i in enumerate(inputs)}
     return sorted(out, key=lambda a: order[a.source.sop_instance_uid])
 
@@ -96,28 +98,48 @@ def with_limits(
     return partial(analyse_study, limits=limits) if analyser is analyse_study else analyser
 
 
-def _analyse_photos(photos: list[tuple[InstanceInput, object]]) -> list[InstanceAnalysis]:
-    import numpy as np
+def _photo(item: InstanceInput, limits: DecodeLimits | None) -> np.ndarray:
+    return next(iter(open_media(item.path, limits=limits).frames())).rgb
 
-    photos = sorted(photos, key=lambda p: p[0].order)
-    rests = [p for p in photos if p[0].task_hint == "rest"]
-    others = [p for p in photos if p[0].task_hint != "rest"]
-    if not rests and len(others) == 2 and all(p[0].task_hint is None for p in others):
+
+def _analyse_photos(
+    photos: list[InstanceInput], limits: DecodeLimits | None = None
+) -> list[InstanceAnalysis]:
+    """Rest photos alone (static items), expression photos with the study's rest photo; at most two photos are
+    decoded at a time."""
+    photos = sorted(photos, key=lambda p: p.order)
+    rests = [p for p in photos if p.task_hint == "rest"]
+    others = [p for p in photos if p.task_hint != "rest"]
+    if not rests and len(others) == 2 and all(p.task_hint is None for p in others):
         rests, others = [others[0]], [others[1]]
     out = []
-    rest = rests[-1] if rests else None
-    for item, rgb in rests:
-        analysis = analyze_photos(np.asarray(rgb), None)
+    rest_rgb: np.ndarray | None = None
+    for item in rests:
+        try:
+            rgb = _photo(item, limits)
+            analysis = analyze_photos(rgb, None)
+        except (UnreadableInputError, NotAnalysableError) as exc:
+            analysis = _failed(_reason(exc))
+            rgb = None
+        if item is rests[-1]:
+            rest_rgb = rgb  # the study's rest photo (the latest): every expression photo pairs with it
         out.append(InstanceAnalysis(item, analysis, 1, 0.0))
-    for item, rgb in others:
-        if rest is None:
+    for item in others:
+        if not rests:
             out.append(
                 InstanceAnalysis(item, _failed("expression photo without a rest photo in the study"), 1, 0.0)
             )
             continue
+        if rest_rgb is None:
+            out.append(InstanceAnalysis(item, _failed("the study's rest photo is not analysable"), 1, 0.0))
+            continue
         try:
-            analysis = analyze_photos(np.asarray(rest[1]), np.asarray(rgb), _task(item.task_hint))
-        except NotAnalysableError as exc:
-            analysis = _failed("; ".join(exc.reasons))
+            analysis = analyze_photos(rest_rgb, _photo(item, limits), _task(item.task_hint))
+        except (UnreadableInputError, NotAnalysableError) as exc:
+            analysis = _failed(_reason(exc))
         out.append(InstanceAnalysis(item, analysis, 2, 0.0))
     return out
+
+
+def _reason(exc: UnreadableInputError | NotAnalysableError) -> str:
+    return "; ".join(exc.reasons) if isinstance(exc, NotAnalysableError) else f"unreadable: {exc}"

@@ -91,6 +91,17 @@ def _check_file(path: Path) -> None:
         raise UnreadableInputError(f"{path}: file is empty (0 bytes)")
 
 
+def _fit(rgb: np.ndarray, max_pixels: int) -> np.ndarray:
+    """A still image larger than a video frame may be (``max_frame_pixels``) is analysed downscaled to it:
+    the scores are in units of the inter-eye distance, and the engine's memory grows with the picture."""
+    h, w = rgb.shape[:2]
+    if h * w <= max_pixels:
+        return rgb
+    scale = (max_pixels / (h * w)) ** 0.5
+    size = (max(1, int(w * scale)), max(1, int(h * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
 def _finish(rgb: np.ndarray, mirrored: bool) -> np.ndarray:
     """Contiguous (H, W, 3) uint8, flipped left-right when the input is mirrored."""
     return np.ascontiguousarray(rgb[:, ::-1] if mirrored else rgb)
@@ -100,8 +111,8 @@ def _finish(rgb: np.ndarray, mirrored: bool) -> np.ndarray:
 class _StillSource:
     """One decoded picture (stills are small: decoding at open time keeps the error early)."""
 
-    def __init__(self, path: Path, rgb: np.ndarray, source: str, mirrored: bool):
-        self._rgb = _finish(rgb, mirrored)
+    def __init__(self, path: Path, rgb: np.ndarray, source: str, mirrored: bool, max_pixels: int):
+        self._rgb = _finish(_fit(rgb, max_pixels), mirrored)
         h, w = self._rgb.shape[:2]
         self._info = MediaInfo(str(path), "image", w, h, 0.0, 1, source)
 
@@ -120,10 +131,15 @@ def _open_still(path: Path, mirrored: bool, limits: DecodeLimits) -> _StillSourc
         with Image.open(path, formats=[f for f in _STILL_FORMATS if f in Image.OPEN]) as img:
             if getattr(img, "n_frames", 1) > 1 and img.format == "GIF":
                 return None  # animated: a video for our purposes
-            limits.check_frame(*img.size, str(path))  # Image.open reads the header only: nothing decoded yet
+            # Image.open has read the header only: nothing is decoded yet.
+            limits.check_frame(*img.size, str(path), still=True)
             fmt = "jpeg" if img.format == "MPO" else (img.format or "image").lower()
+            w, h = img.size
+            if w * h > limits.max_frame_pixels and fmt == "jpeg":
+                scale = (limits.max_frame_pixels / (w * h)) ** 0.5  # decode a large JPEG at a reduced scale
+                img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
             rgb = _pil_to_rgb(ImageOps.exif_transpose(img))
-        return _StillSource(path, rgb, fmt, mirrored)
+        return _StillSource(path, rgb, fmt, mirrored, limits.max_frame_pixels)
     except UnidentifiedImageError:
         pass
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -131,7 +147,9 @@ def _open_still(path: Path, mirrored: bool, limits: DecodeLimits) -> _StillSourc
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)  # formats Pillow lacks; applies EXIF orientation
     if bgr is None:
         return None
-    return _StillSource(path, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), "image", mirrored)
+    limits.check_frame(bgr.shape[1], bgr.shape[0], str(path), still=True)
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return _StillSource(path, rgb, "image", mirrored, limits.max_frame_pixels)
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
@@ -150,7 +168,8 @@ class _DicomImageSource:
 
     def __init__(self, image: dicom_io.DicomImage, mirrored: bool, limits: DecodeLimits):
         self._image, self._mirrored = image, mirrored
-        limits.check_frame(image.columns, image.rows, f"{image.path}: DICOM Rows/Columns")
+        still = image.n_frames == 1
+        limits.check_frame(image.columns, image.rows, f"{image.path}: DICOM Rows/Columns", still=still)
         limits.check_frames(image.n_frames, f"{image.path}: DICOM NumberOfFrames", stated=True)
         if image.transfer_syntax_uid in dicom_io.JPEG_TRANSFER_SYNTAXES:
             # The codestream states its own size, which the decoder allocates whatever Rows/Columns say.
@@ -162,7 +181,9 @@ class _DicomImageSource:
                 )
         first = _first(self._raw_frames(), image.path)
         # A single photo is kept (it is one frame anyway): frames() then needs no second decode.
-        self._still = first if image.n_frames == 1 else None
+        self._still = _fit(first, limits.max_frame_pixels) if image.n_frames == 1 else None
+        if self._still is not None:
+            first = self._still
         h, w = first.shape[:2]
         kind = "video" if image.n_frames > 1 else "image"
         self._info = MediaInfo(image.path, kind, w, h, image.fps or 0.0, image.n_frames, "dicom/image")
@@ -257,6 +278,10 @@ class _AVSource:
             box.close()
             raise UnreadableInputError(f"{self._path}: no video stream in the {container.format.name} file")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # FFmpeg has no decoder for what the container says it holds
+            box.close()
+            raise UnreadableInputError(f"{self._path}: no decoder for the video stream in the "
+                                       f"{container.format.name} file")
         try:
             # The size the container or codec header states, known before any frame is decoded.
             w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)

@@ -111,7 +111,7 @@ def study_identity_from_dicom(path: str | Path) -> StudyIdentity:
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, defer_size=1 << 20)  # large values: on disk
     except (OSError, InvalidDicomError) as exc:
         raise InvalidParameterError(f"path: cannot read a DICOM header from {path}: {exc}") from None
     issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
@@ -125,9 +125,16 @@ def study_identity_from_dicom(path: str | Path) -> StudyIdentity:
         patient_id=str(ds.get("PatientID", "") or "").strip(),
         issuer_of_patient_id=issuer,
         accession_number=str(ds.get("AccessionNumber", "") or "").strip(),
-        study_date=str(ds.get("StudyDate", "") or "").strip(),
+        study_date=_study_date(ds),
         study_description=str(ds.get("StudyDescription", "") or "").strip(),
     )
+
+
+def _study_date(ds: Any) -> str:
+    """StudyDate when it is a date (YYYYMMDD), else "": the date is optional in the Bundle, and a malformed
+    one in a source must not keep the results from the EHR."""
+    text = str(ds.get("StudyDate", "") or "").strip()
+    return text if re.fullmatch(r"\d{8}", text) else ""
 
 
 # ------------------------------------------------------------------------------------- helpers

@@ -377,16 +377,48 @@ def _complete_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
     """A shallow copy of the first evidence header with every Type 2 Patient/Study attribute present.
 
     highdicom copies these from ``evidence[0]`` and needs them to exist; an image from a PACS may
-    omit one (PS3.3 C.7.1.1, C.7.2.1: Type 2 means present, possibly empty).
+    omit one (PS3.3 C.7.1.1, C.7.2.1: Type 2 means present, possibly empty). A value that is malformed
+    for its VR (a date that is no date, a wrong VR, an absurd length) is emptied as well: one bad attribute
+    of a source must not stop the study's report (the source file keeps the original).
     """
+    bad = [k for k in _PATIENT_STUDY_TYPE2 if k in ds and not _valid_value(ds, k)]
     missing = [k for k in _PATIENT_STUDY_TYPE2 if k not in ds]
-    if not missing:
+    if not missing and not bad:
         return ds
+    if bad:  # names only: the values may be patient data
+        log.warning("SR: malformed %s in source %s emptied", ", ".join(bad), ds.get("SOPInstanceUID", "?"))
     out = pydicom.Dataset()
     out.update(ds)
-    for keyword in missing:
+    for keyword in bad:
+        del out[keyword]
+    for keyword in missing + bad:
         setattr(out, keyword, None)
     return out
+
+
+def _valid_value(ds: pydicom.Dataset, keyword: str) -> bool:
+    """The element has its dictionary VR, a sane length, and a value that VR accepts (PS3.5 6.2)."""
+    from pydicom import config
+    from pydicom.datadict import dictionary_VR
+    from pydicom.valuerep import DA, DT, TM, validate_value
+
+    try:
+        raw = ds.get_item(keyword, keep_deferred=True)
+        if raw is None or int(getattr(raw, "length", 0) or 0) > 1024:
+            return raw is None
+        elem = ds[keyword]
+        if dictionary_VR(elem.tag) != elem.VR:
+            return False
+        values = elem.value if elem.VM > 1 else [elem.value]
+        for value in values:
+            if value is None or value == "":
+                continue
+            validate_value(elem.VR, value, config.RAISE)
+            if elem.VR in ("DA", "TM", "DT"):
+                {"DA": DA, "TM": TM, "DT": DT}[elem.VR](value)
+        return True
+    except Exception:  # any failure to read or convert it: malformed
+        return False
 
 
 def build_report(

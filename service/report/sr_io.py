@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 
-from service.media.dicom_io import write_dicom
+from service.media.dicom_io import DEFER_SIZE, write_dicom
 from service.report.sr import InstanceFinding, build_report
 
 
@@ -25,7 +25,8 @@ def write_report(
 
     The SR's UIDs derive from the sources and the engine version, so the same study gives the same file.
     """
-    evidence = [dcmread(p, stop_before_pixels=True) for p in source_paths]
+    # Large values (a huge private element) stay on disk: only a few header attributes are needed.
+    evidence = [dcmread(p, stop_before_pixels=True, defer_size=DEFER_SIZE) for p in source_paths]
     ds = build_report(evidence, findings, engine_version=engine_version)
     priors = [dcmread(p, stop_before_pixels=True) for p in prior_reports if Path(p).is_file()]
     if priors:

@@ -23,6 +23,7 @@ import pydicom
 from service.domain import Analysis, Quality, RegionSymmetry, Side, StaticItem, Task, TaskResult
 from service.engine.scores import GateThresholds
 from service.errors import FaceSymError
+from service.media.dicom_io import DEFER_SIZE
 from service.report import figures as fg
 from service.report.comparison import PriorStudy
 from service.report.pdf import render_pdf
@@ -215,7 +216,7 @@ def study_items(
 ) -> list[StudyItem]:
     """StudyItems for the analyses ((SOP Instance UID, analysis, fps)) of the study's source files."""
     headers = list(headers) if headers is not None else [
-        pydicom.dcmread(p, stop_before_pixels=True) for p in source_paths
+        pydicom.dcmread(p, stop_before_pixels=True, defer_size=DEFER_SIZE) for p in source_paths
     ]
     by_uid = {str(ds.SOPInstanceUID): (Path(p), ds, k)
               for k, (p, ds) in enumerate(zip(source_paths, headers, strict=True))}
@@ -256,7 +257,7 @@ def render_report_objects(
     """
     started = time.perf_counter()
     paths = [Path(p) for p in source_paths]
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    headers = [pydicom.dcmread(p, stop_before_pixels=True, defer_size=DEFER_SIZE) for p in paths]
     if not headers:
         raise ValueError("source_paths is empty")
     items = study_items(paths, analyses, headers)

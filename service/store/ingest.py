@@ -59,6 +59,7 @@ _CHUNK = 1 << 20
 # Header values above this stay on disk when the header is read (a huge private element is never loaded);
 # text/number attributes longer than _MAX_VALUE_BYTES are treated as absent (malformed: none is that long).
 _DEFER_SIZE = 1 << 20
+_VIDEO_SOP_CLASSES = frozenset(f"1.2.840.10008.5.1.4.1.1.77.1.{n}.1" for n in (1, 2, 4))  # PS3.4 B.5
 _MAX_VALUE_BYTES = 1 << 16
 # One writer per SOP Instance UID in this process (striped): two associations sending the same
 # object must not both place a file at the same path.
@@ -151,6 +152,12 @@ def _text(ds: Dataset, keyword: str, max_len: int) -> str:
         return str(value).strip()[:max_len]
     except Exception:  # a malformed value must not stop storage; the file keeps the original
         return ""
+
+
+def _frames(ds: Dataset) -> int | None:
+    """NumberOfFrames when it is a sane positive count, else None (0, -1 or 2**40 are no frame counts)."""
+    n = _int(ds, "NumberOfFrames")
+    return n if n is not None and 0 < n < 2**31 else None
 
 
 def _oversized(ds: Dataset, keyword: str) -> bool:
@@ -296,7 +303,7 @@ def _ingest(
             _check_limits(limits, tmp, None)
         head = _read_header(tmp)
         if limits is not None:
-            _check_limits(limits, tmp, head.ds)
+            _check_limits(limits, tmp, head.ds, head.sop_class)
         if expected_sop_class and head.sop_class != expected_sop_class:
             raise _Rejected(
                 "mismatch", f"data set SOP Class {head.sop_class} is not the request's {expected_sop_class}"
@@ -355,15 +362,17 @@ def _ingest(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _check_limits(limits: DecodeLimits, path: Path, ds: Dataset | None) -> None:
-    """Refuse what the object's size or header already says is beyond the decode limits."""
+def _check_limits(limits: DecodeLimits, path: Path, ds: Dataset | None, sop_class: str = "") -> None:
+    """Refuse what the object's size or header already says is beyond the decode limits (a video's frames
+    against max_frame_pixels, a single image against max_image_pixels)."""
     try:
         if ds is None:
             limits.check_file(path.stat().st_size, "object")
             return
         rows, columns, frames = _int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "NumberOfFrames")
         if rows is not None and columns is not None:
-            limits.check_frame(columns, rows, "object")
+            still = (frames or 1) <= 1 and sop_class not in _VIDEO_SOP_CLASSES
+            limits.check_frame(columns, rows, "object", still=still)
         if frames is not None:
             limits.check_frames(frames, "object", stated=True)
     except LimitExceededError as exc:
@@ -412,7 +421,7 @@ def _transaction(
                 sop_class_uid=head.sop_class,
                 transfer_syntax_uid=head.transfer_syntax,
                 instance_number=_int(ds, "InstanceNumber"),
-                number_of_frames=_int(ds, "NumberOfFrames"),
+                number_of_frames=_frames(ds),
                 image_comments=_text(ds, "ImageComments", 10240),
                 path=rel,
                 sha256=digest,
