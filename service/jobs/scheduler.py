@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -69,10 +70,15 @@ class FaceSymService:
         self._slots = threading.BoundedSemaphore(max(1, settings.workers))
         self._scheduler = BackgroundScheduler(timezone=UTC)
         self._scp: ThreadedAssociationServer | None = None
+        self._promote_from = 0.0  # time.monotonic() before which no study is promoted (see start)
 
     def start(self) -> None:
         ae = self.settings.ae_title
         if self.receive:
+            # Senders could not reach us while we were down: a study that was still arriving gets a whole
+            # quiet period from now, else a modality's resend after our restart would find it analysed
+            # (and reported) half-received.
+            self._promote_from = time.monotonic() + self.settings.quiet_seconds
             self._forwarder = forwarder_from_settings(self.audit, self.settings)
         self.audit.record(application_activity("start", local_ae=ae))
         if self.receive:  # one process notes the configuration (workers would note theirs alternately)
@@ -112,7 +118,8 @@ class FaceSymService:
 
     def _dispatch(self) -> None:
         try:
-            promote_stable_studies(self.sessions, self.settings.quiet_seconds)
+            if time.monotonic() >= self._promote_from:
+                promote_stable_studies(self.sessions, self.settings.quiet_seconds)
         except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable; the next tick retries
             log.exception("promoting quiet studies failed")
         while self._slots.acquire(blocking=False):
