@@ -175,19 +175,20 @@ def claim_next_job(
     ``worker_id`` with a lease of ``lease_seconds``; None when nothing is due.
 
     PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` (racing workers pass over each other's rows);
-    SQLite: a conditional UPDATE on the same condition (one writer at a time). A taken-over job whose
-    ``attempts`` already reached ``max_attempts`` (its workers keep dying on it) becomes FAILED instead.
+    SQLite: the writer lock (BEGIN IMMEDIATE) and a conditional UPDATE on the same condition. A taken-over
+    job whose ``attempts`` already reached ``max_attempts`` (its workers keep dying on it) becomes FAILED.
     """
     now = now or utcnow()
     lease_until = now + timedelta(seconds=lease_seconds)
+    query = (
+        select(Job.id, Job.state, Job.attempts).where(_claimable_job(now)).order_by(Job.next_run_at).limit(5)
+    )
+    with sessions() as s:  # cheap look first: an idle tick takes no lock
+        if s.execute(query.limit(1)).first() is None:
+            return None
     with sessions.begin() as s:
-        candidates = s.execute(
-            select(Job.id, Job.state, Job.attempts)
-            .where(_claimable_job(now))
-            .order_by(Job.next_run_at)
-            .limit(5)
-            .with_for_update(of=Job.__table__, skip_locked=True)  # SQLite renders none: see the docstring
-        ).all()
+        _write_lock(s)
+        candidates = s.execute(query.with_for_update(of=Job.__table__, skip_locked=True)).all()
         for job_id, state, attempts in candidates:
             claim = update(Job).where(Job.id == job_id, Job.attempts == attempts, _claimable_job(now))
             if state is JobState.RUNNING and max_attempts is not None and attempts >= max_attempts:
@@ -543,7 +544,7 @@ def _claim_delivery(
     ctx: WorkerContext, now: datetime, skip: set[int]
 ) -> tuple[int, int, str, str, int, str, str, str] | None:
     """Claim one due PENDING delivery of a REPORTED job (not in ``skip``), as claim_next_job claims jobs:
-    PostgreSQL ``FOR UPDATE SKIP LOCKED``, SQLite a conditional UPDATE; a claim whose lease expired (its
+    PostgreSQL ``FOR UPDATE SKIP LOCKED``, SQLite its writer lock; a claim whose lease expired (its
     worker died while sending) may be taken over. Returns (id, attempts, destination, sr_path, job id,
     study UID, SR UID, report files) with ``attempts`` already counting this attempt, or None."""
     lease_until = now + timedelta(seconds=ctx.settings.lease_seconds)
@@ -552,15 +553,19 @@ def _claim_delivery(
         Delivery.next_run_at <= now,
         or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now),
     )
+    query = (
+        select(Delivery.id, Delivery.attempts)
+        .join(Job, Delivery.job_pk == Job.id)
+        .where(claimable, Job.state == JobState.REPORTED, Delivery.id.not_in(skip))
+        .order_by(Delivery.next_run_at)
+        .limit(5)
+    )
+    with ctx.sessions() as s:  # cheap look first: an idle tick takes no lock
+        if s.execute(query.limit(1)).first() is None:
+            return None
     with ctx.sessions.begin() as s:
-        candidates = s.execute(
-            select(Delivery.id, Delivery.attempts)
-            .join(Job, Delivery.job_pk == Job.id)
-            .where(claimable, Job.state == JobState.REPORTED, Delivery.id.not_in(skip))
-            .order_by(Delivery.next_run_at)
-            .limit(5)
-            .with_for_update(of=Delivery.__table__, skip_locked=True)  # SQLite: the conditional UPDATE
-        ).all()
+        _write_lock(s)
+        candidates = s.execute(query.with_for_update(of=Delivery.__table__, skip_locked=True)).all()
         for delivery_id, attempts in candidates:
             got = cast(
                 CursorResult[Any],

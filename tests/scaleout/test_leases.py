@@ -6,6 +6,7 @@ workers keep dying fails, a delivery has one sender at a time, racing promoters 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -216,3 +217,32 @@ def test_racing_promoters_promote_each_study_once(sessions: sessionmaker[Session
     assert sorted(promoted) == sorted(ids)  # all of them, none twice
     with sessions() as s:
         assert set(s.scalars(select(Job.state))) == {JobState.QUEUED}
+
+
+def test_racing_claimers_claim_every_job_once(sessions: sessionmaker[Session], figures: Any) -> None:
+    """PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: the writer lock and a conditional UPDATE."""
+    ids = set(_jobs(sessions, 60))
+    claims: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    go = threading.Barrier(6)
+
+    def claimer(name: str) -> None:
+        go.wait()
+        while (job_id := claim_next_job(sessions, name, lease_seconds=60)) is not None:
+            with lock:
+                claims.append((name, job_id))
+
+    threads = [threading.Thread(target=claimer, args=(f"w{k}",)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    claimed = Counter(job_id for _, job_id in claims)
+    assert set(claimed) == ids and set(claimed.values()) == {1}  # all claimed, none twice
+    with sessions() as s:
+        rows = s.execute(select(Job.claimed_by, Job.state, Job.lease_expires_at)).all()
+    assert all(state is JobState.RUNNING and lease is not None for _, state, lease in rows)
+    assert Counter(by for by, _, _ in rows) == Counter(name for name, _ in claims)
+    dialect = sessions.kw["bind"].dialect.name
+    figures.record("scale-out claims", f"{dialect}: jobs claimed by 6 racing threads", len(claims))
+    figures.record("scale-out claims", f"{dialect}: claimed twice", sum(n - 1 for n in claimed.values()))

@@ -8,7 +8,7 @@ started here on 127.0.0.1 and a free port; see pg_server.py).
     report is delivered once.
 (c) ``facesym db upgrade`` on an empty PostgreSQL database and on an old create_all SQLite database (with
     rows, which survive); the migrated schemas equal the models.
-(d) racing claimers on PostgreSQL (FOR UPDATE SKIP LOCKED): every job claimed exactly once.
+(Racing claimers and promoters, leases and takeovers in detail: test_leases.py, on SQLite and PostgreSQL.)
 
 Studies are small photo pairs (rest + smile, a phantom warped from the bundled demo face), made once and
 re-UID'd per study, one patient each (so no study compares against another).
@@ -459,47 +459,3 @@ def test_db_upgrade_on_empty_postgresql_and_on_an_old_create_all_sqlite_database
     assert run.returncode == 1 and "9999_future" in said and "does not know" in said, run.stdout + run.stderr
     figures.record("scale-out (c)", "db upgrade: empty PostgreSQL -> head", head)
     figures.record("scale-out (c)", "db upgrade: create_all SQLite -> stamped + head", head)
-
-
-# --- (d) claims race on PostgreSQL --------------------------------------------------------------------------
-
-
-def test_racing_claimers_on_postgresql_claim_every_job_once(pg: PostgresServer, figures: Any) -> None:
-    from datetime import timedelta
-
-    from service.jobs.worker import claim_next_job
-    from service.store.db import Job, JobState, Patient, Study, open_database, utcnow
-
-    sessions = open_database(pg.create_database("claims"))
-    n_jobs, n_threads = 60, 6
-    with sessions.begin() as s:
-        patient = Patient(patient_id="P", name="RACE^TEST")
-        s.add(patient)
-        for k in range(n_jobs):
-            study = Study(study_uid=f"1.2.826.0.1.{k}", patient=patient)
-            s.add(Job(study=study, engine_version="v", state=JobState.QUEUED,
-                      next_run_at=utcnow() - timedelta(seconds=1)))
-    claims: list[tuple[str, int]] = []
-    lock = threading.Lock()
-    go = threading.Barrier(n_threads)
-
-    def claimer(name: str) -> None:
-        go.wait()
-        while (job_id := claim_next_job(sessions, name, lease_seconds=60)) is not None:
-            with lock:
-                claims.append((name, job_id))
-
-    threads = [threading.Thread(target=claimer, args=(f"w{k}",)) for k in range(n_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    claimed = Counter(job_id for _, job_id in claims)
-    assert len(claimed) == n_jobs and set(claimed.values()) == {1}  # all claimed, none twice
-    with sessions() as s:
-        rows = s.query(Job.state, Job.claimed_by, Job.lease_expires_at).all()
-    assert all(state is JobState.RUNNING and by and lease is not None for state, by, lease in rows)
-    assert dict(Counter(by for _, by, _ in rows)) == dict(Counter(name for name, _ in claims))
-    sessions.kw["bind"].dispose()
-    figures.record("scale-out (d)", "jobs claimed by 6 racing threads", len(claims))
-    figures.record("scale-out (d)", "claimed twice", sum(n - 1 for n in claimed.values()))
