@@ -204,7 +204,9 @@ def analyze_path(
             analysis = run(progress)
     else:
         analysis = run(None)
-    return analysis_dict(analysis, info, counted[0])
+    from service.jobs.analysis import with_media_warnings  # a truncated clip, a lying frame count
+
+    return analysis_dict(with_media_warnings(analysis, source), info, counted[0])
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

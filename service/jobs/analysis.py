@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from service.domain import Analysis, Quality, Task
+from service.domain import Analysis, MediaSource, Quality, Task
 from service.engine.pipeline import analyze_frames, analyze_photos
 from service.errors import NotAnalysableError, UnreadableInputError
-from service.media.decode import open_media
+from service.media.decode import media_warnings, open_media
 from service.media.limits import DecodeLimits
 from service.media.prefetch import prefetch
 
@@ -85,10 +85,19 @@ def analyse_study(inputs: list[InstanceInput], limits: DecodeLimits | None = Non
         except (UnreadableInputError, NotAnalysableError) as exc:
             reasons = exc.reasons if isinstance(exc, NotAnalysableError) else [f"unreadable: {exc}"]
             analysis = Analysis(Quality(False, tuple(reasons), (), 0, counted[0]), ())
+        analysis = with_media_warnings(analysis, source)
         out.append(InstanceAnalysis(item, analysis, counted[0], info.fps))
     out.extend(_analyse_photos(photos, limits))
     order = {i.sop_instance_uid: k for k, i in enumerate(inputs)}
     return sorted(out, key=lambda a: order[a.source.sop_instance_uid])
+
+
+def with_media_warnings(analysis: Analysis, source: MediaSource) -> Analysis:
+    """``analysis`` with what decoding found (a truncated clip, a lying frame count) among its warnings."""
+    extra = media_warnings(source)
+    if not extra:
+        return analysis
+    return replace(analysis, quality=replace(analysis.quality, warnings=analysis.quality.warnings + extra))
 
 
 def with_limits(

@@ -168,6 +168,7 @@ class _DicomImageSource:
 
     def __init__(self, image: dicom_io.DicomImage, mirrored: bool, limits: DecodeLimits):
         self._image, self._mirrored = image, mirrored
+        self.warnings: list[str] = []  # what the last frames() found (see media_warnings)
         still = image.n_frames == 1
         limits.check_frame(image.columns, image.rows, f"{image.path}: DICOM Rows/Columns", still=still)
         limits.check_frames(image.n_frames, f"{image.path}: DICOM NumberOfFrames", stated=True)
@@ -201,6 +202,7 @@ class _DicomImageSource:
             raise UnreadableInputError(f"{self._image.path}: cannot decode DICOM pixel data ({exc})") from exc
 
     def frames(self) -> Iterator[Frame]:
+        self.warnings = []
         if self._still is not None:
             yield Frame(0, 0.0, _finish(self._still, self._mirrored))
             return
@@ -215,9 +217,17 @@ class _DicomImageSource:
                 if n == 0:
                     raise
                 log.warning("DICOM frame decoding stopped after %d frames: %s", n, exc.__cause__ or exc)
+                self.warnings.append(f"decoding stopped after {n} of {self._info.frames} frames "
+                                     "(truncated or corrupt pixel data): the analysis uses those")
                 break
             yield Frame(n, n / fps if fps > 0 else 0.0, _finish(rgb, self._mirrored))
             n += 1
+
+
+def media_warnings(source: MediaSource) -> tuple[str, ...]:
+    """What decoding ``source`` found that the analysis must report (a truncated clip, a header that lies
+    about the frame count); call after its frames were consumed."""
+    return tuple(getattr(source, "warnings", ()))
 
 
 def _first(frames: Generator[np.ndarray, None, None], path: str) -> np.ndarray:
@@ -254,6 +264,7 @@ class _AVSource:
     ):
         self._path, self._opener, self._mirrored = path, opener, mirrored
         self._limits = limits or DecodeLimits()
+        self.warnings: list[str] = []  # what the last frames() found (see media_warnings)
         # FFmpeg's own per-frame cap (AVCodecContext.max_pixels): probing and decoding refuse larger frames
         # before allocating them, also when the size changes mid-stream.
         self._codec_options = {"max_pixels": str(self._limits.max_frame_pixels)}
@@ -319,6 +330,7 @@ class _AVSource:
             return MediaInfo(str(self._path), "video", w, h, fps, frames, label)
 
     def frames(self) -> Iterator[Frame]:
+        self.warnings = []
         fps = self._info.fps
         n = 0
         with self._open() as box:
@@ -338,12 +350,19 @@ class _AVSource:
                         why = _why(exc)
                         raise UnreadableInputError(f"{self._path}: cannot decode video ({why})") from exc
                     log.warning("video decoding stopped after %d frames: %s", n, _why(exc))
+                    self.warnings.append(f"video decoding stopped after {n} frames ({_why(exc)}): "
+                                         "truncated or corrupt data; the analysis uses those frames")
                     break
                 self._limits.check_frames(n + 1, str(self._path))
                 yield Frame(n, _time_s(frame.pts, start, base, n, fps), _finish(rgb, self._mirrored))
                 n += 1
         if n == 0:
             raise UnreadableInputError(f"{self._path}: the video stream holds no decodable frames")
+        declared = self._info.frames
+        if declared and not self.warnings and abs(n - declared) > max(3, 0.05 * declared):
+            # A file cut short (the index still counts the lost frames) or a header that lies.
+            self.warnings.append(f"the video holds {n} frames but its header declares {declared} "
+                                 "(truncated file?): the analysis uses the frames it holds")
 
 
 class _OpenContainer:

@@ -65,8 +65,11 @@ class _Writer:
     def _put(self, x: float, y: float, s: str, *, size: float, weight: str = "normal", color: str = "black",
              ha: str = "left") -> None:
         assert self.fig is not None
+        # Text from the input (labels, reasons quoting a decoder) is shown as it is: no mathtext ("$", "\\"
+        # would be parsed as TeX and abort the page), control characters made visible.
+        s = "".join(c if c.isprintable() else "\ufffd" for c in s)
         self.fig.text(x / PAGE_IN[0], 1 - y / PAGE_IN[1], s, fontsize=size, fontweight=weight, color=color,
-                      ha=ha, va="top")
+                      ha=ha, va="top", parse_math=False)
 
     def line(self, s: str, *, size: float = 9.5, weight: str = "normal", color: str = "black",
              indent: float = 0.0, gap: float = 1.35) -> None:

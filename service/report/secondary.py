@@ -88,8 +88,11 @@ def _now() -> tuple[str, str]:
 
 def _copy_patient_study(src: Dataset, dst: Dataset) -> None:
     for keyword in _EXTRA_PATIENT_STUDY:
-        if keyword in src and src[keyword].value not in (None, ""):
-            dst[keyword] = src[keyword]
+        try:
+            if keyword in src and src[keyword].value not in (None, ""):
+                dst[keyword] = src[keyword]
+        except Exception:  # a value pydicom cannot convert (hostile input): the copy does without it
+            continue
 
 
 def _contributing_equipment(engine_version: str) -> list[hd.ContributingEquipment]:
@@ -193,7 +196,7 @@ def build_sc_images(
         refs = _references(evidence, source_sop_uids, source_classes)
         if refs:
             sc.SourceImageSequence = refs
-        _copy_patient_study(evidence, sc)
+        _copy_patient_study(ref, sc)  # ref: malformed Type 2 values of the source already emptied
         out.append(sc)
     return out
 
@@ -240,7 +243,7 @@ def build_encapsulated_pdf(
     # Patient (C.7.1.1) and General Study (C.7.2.1)
     for keyword in _TYPE2_PATIENT_STUDY:
         ds[keyword] = ref[keyword]
-    _copy_patient_study(evidence, ds)
+    _copy_patient_study(ref, ds)  # ref: malformed Type 2 values of the source already emptied
     # Encapsulated Document Series (C.24.1)
     ds.Modality = "DOC"
     ds.SeriesInstanceUID = UID(series_uid)

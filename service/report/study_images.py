@@ -199,10 +199,18 @@ def render_study_figures(
 
 
 # ------------------------------------------------------------------------------------------ study
+def _header_value(ds: pydicom.Dataset, keyword: str) -> Any:
+    """An attribute of a source header, or None when it is absent or malformed (an IS of "inf")."""
+    try:
+        return ds.get(keyword)
+    except Exception:  # pydicom cannot convert the value: the label does without it
+        return None
+
+
 def _label(ds: pydicom.Dataset, k: int) -> str:
-    series = ds.get("SeriesNumber")
-    inst = ds.get("InstanceNumber")
-    desc = str(ds.get("SeriesDescription", "") or "").strip()
+    series = _header_value(ds, "SeriesNumber")
+    inst = _header_value(ds, "InstanceNumber")
+    desc = str(_header_value(ds, "SeriesDescription") or "").strip()
     series = "?" if series in (None, "") else series
     inst = k + 1 if inst in (None, "") else inst
     base = f"Series {series} #{inst}"

@@ -9,6 +9,7 @@ NumberOfFrames, garbage MPEG bitstreams, huge private elements, truncation. Hypo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -512,6 +513,15 @@ def _pixel_stream(file_bytes: bytes) -> bytes:
     pix = _find(file_bytes, PIXEL_DATA)
     assert pix is not None
     return b"".join(_split_items(file_bytes[pix.value_offset : pix.end])[1:])
+
+
+def reset_peak_rss() -> float:
+    """Reset this process's peak RSS (Linux: ``5`` > /proc/self/clear_refs) and return its current RSS, MB."""
+    with contextlib.suppress(OSError):  # not permitted: the peak then covers the whole process
+        Path("/proc/self/clear_refs").write_text("5")
+    status = Path("/proc/self/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024.0
 
 
 def rss_mb(pid: int | None = None) -> float:

@@ -198,7 +198,8 @@ def test_cstore_fuzz_then_worker(serve: Serve, tmp_path_factory: pytest.TempPath
     n = [0]
     study = [generate_uid(), generate_uid()]
 
-    def send_case(case: Case) -> None:
+    def send_case(case: Case) -> tuple[int, str] | None:
+        """Send one case; its (status, comment), or None when the SCU itself could not send it."""
         if n[0] % CASES_PER_STUDY == 0:
             study[:] = [generate_uid(), generate_uid()]
         n[0] += 1
@@ -208,18 +209,19 @@ def test_cstore_fuzz_then_worker(serve: Serve, tmp_path_factory: pytest.TempPath
         kind, rsp = sender.send(path)
         if kind == "not sent":
             refusals[rsp.split(":")[0]] += 1
-            return
+            return None
         code = rsp.get("Status") if rsp is not None else None
         if code is None:
             aborted = sender.assoc.is_aborted
             problems.append(f"{case.label()}: no C-STORE status (association aborted: {aborted})")
-            return
+            return None
         comment = str(rsp.get("ErrorComment", "") or "")
         statuses[f"0x{code:04X}"] += 1
         if code == 0:
             accepted[uid] = (study[0], case.label())
         elif not comment.strip():
             problems.append(f"{case.label()}: status 0x{code:04X} without a reason")
+        return code, comment
 
     @settings(max_examples=N_CASES, database=None, deadline=None, phases=(Phase.explicit, Phase.generate),
               suppress_health_check=list(HealthCheck))
@@ -235,10 +237,19 @@ def test_cstore_fuzz_then_worker(serve: Serve, tmp_path_factory: pytest.TempPath
     sent = sum(statuses.values())
     # Named extremes outside Hypothesis: a huge private element (stored; never read into memory), one beyond
     # max_file_mb (refused), 8K frames the header admits to, and an absurd frame count.
-    for extra in (Case("photo", [("private", HUGE_PRIVATE_MB << 20, False)]),
-                  Case("photo", [("private", (HUGE_PRIVATE_MB + 40) << 20, False)]),
-                  Case("video_8k", []), Case("jpeg_8k", []), Case("video", [("frames", b"2147483647")])):
-        send_case(extra)
+    extremes = [  # case, what the C-STORE response says (0x0000, or 0xC000 naming the limit)
+        (Case("photo", [("private", HUGE_PRIVATE_MB << 20, False)]), ""),
+        (Case("photo", [("private", (HUGE_PRIVATE_MB + 40) << 20, False)]), "max_file_mb"),
+        (Case("video_8k", []), "max_frame_pixels"),
+        (Case("jpeg_8k", []), "max_image_pixels"),
+        (Case("video", [("frames", b"2147483647")]), "max_frames"),
+        (Case("photo", [("dims", (32768, 1))]), "side over 16384"),
+    ]
+    for extra, limit in extremes:
+        answer = send_case(extra)
+        assert answer is not None, extra.label()
+        code, comment = answer
+        assert (code, limit in comment) == ((0xC000, True) if limit else (0, True)), (extra.label(), answer)
     fuzz_seconds = time.monotonic() - started
     assert not problems, "\n".join(problems[:20])
 
