@@ -47,6 +47,13 @@ Analyser = Callable[[list[InstanceInput]], list[InstanceAnalysis]]
 DEFAULT_LEASE_SECONDS = 120.0
 
 
+class MissingReportError(DeliveryError):
+    """The report file to send is not in the store (deleted or never built): retrying cannot help, so the
+    delivery FAILS with this reason and an operator re-runs the analysis."""
+
+    retryable = False
+
+
 @dataclass
 class WorkerContext:
     settings: Settings
@@ -651,7 +658,11 @@ def _send(ctx: WorkerContext, destination: str, sr_file: Path, extra: list[Path]
     if destination.startswith(("fhir:", "fhir-drop:")):
         from service.fhir_client import post_bundle, write_bundle
 
-        bundle = json.loads(bundle_path(sr_file).read_text())
+        bundle_file = bundle_path(sr_file)
+        if not bundle_file.is_file():
+            raise MissingReportError(f"FHIR Bundle {bundle_file.name} is missing from the store: re-run the "
+                                     "analysis to rebuild it")
+        bundle = json.loads(bundle_file.read_text())
         kind, _, target = destination.partition(":")
         if kind == "fhir-drop":
             write_bundle(bundle, target)
@@ -661,6 +672,9 @@ def _send(ctx: WorkerContext, destination: str, sr_file: Path, extra: list[Path]
         post_bundle(bundle, base_url=target, token=st.read_fhir_token(), client_cert=cert,
                     ca_file=st.fhir_ca_file or None, timeout=st.fhir_timeout_seconds)
         return
+    if not sr_file.is_file():
+        raise MissingReportError(f"SR {sr_file.name} is missing from the store: re-run the analysis to "
+                                 "rebuild it")
     dest = Destination.parse(destination)
     tls = None
     if dest.tls:

@@ -139,3 +139,24 @@ def test_new_data_after_a_report_reopens_the_job(ctx: WorkerContext) -> None:
     path = write_dicom(ds, ctx.files.incoming_dir() / "rest.dcm")
     assert ingest(ctx.sessions, ctx.files, path, "TEST", "version", ENGINE_VERSION).outcome == "stored"
     assert _job(ctx).state is JobState.RECEIVED
+
+
+@pytest.mark.parametrize("destination", ["dicom", "fhir-drop"])
+def test_a_report_file_missing_from_the_store_fails_the_delivery_with_the_reason(
+    ctx: WorkerContext, tmp_path: Path, destination: str
+) -> None:
+    """Retrying cannot bring back a deleted SR or Bundle: the delivery FAILS with the reason."""
+    if destination == "fhir-drop":
+        ctx.settings = replace(ctx.settings, destinations=(), fhir_drop_dir=str(tmp_path / "drop"),
+                               fhir_patient_identifier_system="urn:oid:1.2.3")
+    _receive(ctx)
+    promote_stable_studies(ctx.sessions, 0)
+    job_id = claim_next_job(ctx.sessions, "w")
+    assert job_id is not None and process_job(ctx, job_id) is JobState.REPORTED
+    sr = ctx.files.root / _job(ctx).sr_path
+    (sr.with_suffix(".fhir.json") if destination == "fhir-drop" else sr).unlink()
+    deliver_due(ctx, now=utcnow() + timedelta(days=1))
+    with ctx.sessions() as s:
+        d = s.scalars(select(Delivery)).one()
+    assert d.state is DeliveryState.FAILED and d.attempts == 1
+    assert "missing from the store" in d.last_error and "re-run the analysis" in d.last_error
