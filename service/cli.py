@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -218,14 +219,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         doc = analyze_path(args.path, args.path2, args.task, args.mirrored, show_progress=sys.stderr.isatty(),
                            limits=limits)
     except UnreadableInputError as exc:
-        console.print(f"[bold red]unreadable input:[/] {exc}")
+        console.print(f"[bold red]unreadable input:[/] {escape(str(exc))}")
         return EXIT_UNREADABLE
     except (FaceSymError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - a bug on hostile input: a message and exit 2, never a traceback
         log.debug("analysis of %s failed", args.path, exc_info=True)
-        console.print(f"[bold red]unreadable input:[/] {args.path}: processing failed "
-                      f"({type(exc).__name__}: {str(exc)[:200]}); run with -v for details")
+        console.print(f"[bold red]unreadable input:[/] {escape(args.path)}: processing failed "
+                      f"({type(exc).__name__}: {escape(str(exc)[:200])}); run with -v for details")
         return EXIT_UNREADABLE
     if args.fhir:
         _write_fhir(args, doc)
@@ -236,15 +237,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         else:
             Path(args.json).write_text(text + "\n")
     if not doc["quality"]["ok"]:
-        console.print("[bold red]not analysable:[/] " + "; ".join(doc["quality"]["reasons"]))
+        console.print("[bold red]not analysable:[/] " + escape("; ".join(doc["quality"]["reasons"])))
         return EXIT_NOT_ANALYSABLE
     if args.json != "-":
         console.print(result_table(doc))
         for w in doc["quality"]["warnings"]:
-            console.print(f"[yellow]warning:[/] {w}")
+            console.print(f"[yellow]warning:[/] {escape(w)}")
         for t in doc["tasks"]:
             for note in t["notes"]:
-                console.print(f"[yellow]{t['task']}:[/] {note}")
+                console.print(f"[yellow]{t['task']}:[/] {escape(note)}")
         for name, item in doc.get("static", {}).items():
             console.print(f"static {name}: left {item['left']:.3f} D, right {item['right']:.3f} D")
     return EXIT_OK
@@ -563,17 +564,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
+    # Messages quote input (file names, decoder text): printed as text, never as rich markup.
     except UnreadableInputError as exc:
-        _console().print(f"[bold red]unreadable input:[/] {exc}")
+        _console().print(f"[bold red]unreadable input:[/] {escape(str(exc))}")
         return EXIT_UNREADABLE
     except NotAnalysableError as exc:
-        _console().print(f"[bold red]not analysable:[/] {exc}")
+        _console().print(f"[bold red]not analysable:[/] {escape(str(exc))}")
         return EXIT_NOT_ANALYSABLE
     except FaceSymError as exc:
-        _console().print(f"[bold red]error:[/] {exc}")
+        _console().print(f"[bold red]error:[/] {escape(str(exc))}")
         return exc.exit_code
     except TimeoutError as exc:
-        _console().print(f"[bold red]timed out:[/] {exc}")
+        _console().print(f"[bold red]timed out:[/] {escape(str(exc))}")
         return 1
 
 

@@ -143,7 +143,7 @@ def _open_still(path: Path, mirrored: bool, limits: DecodeLimits) -> _StillSourc
     except UnidentifiedImageError:
         pass
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableInputError(f"{path}: damaged image ({exc})") from exc
+        raise UnreadableInputError(f"{path}: damaged image ({dicom_io.why(exc)})") from exc
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)  # formats Pillow lacks; applies EXIF orientation
     if bgr is None:
         return None
@@ -199,7 +199,8 @@ class _DicomImageSource:
         except UnreadableInputError:
             raise
         except Exception as exc:  # pydicom/numpy/plugin errors: unsupported or corrupt pixel data
-            raise UnreadableInputError(f"{self._image.path}: cannot decode DICOM pixel data ({exc})") from exc
+            why = dicom_io.why(exc)
+            raise UnreadableInputError(f"{self._image.path}: cannot decode DICOM pixel data ({why})") from exc
 
     def frames(self) -> Iterator[Frame]:
         self.warnings = []
@@ -434,4 +435,4 @@ def _format_label(container: Any) -> str:
 
 def _why(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
+    return "".join(c if c.isprintable() else "?" for c in text.splitlines()[0][:200])

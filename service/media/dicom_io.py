@@ -191,7 +191,17 @@ def _read_header(path: Path) -> Dataset:
     try:
         return pydicom.dcmread(path, force=True, stop_before_pixels=True, defer_size=DEFER_SIZE)
     except Exception as exc:
-        raise UnreadableInputError(f"{path}: not a readable DICOM file ({exc})") from exc
+        raise UnreadableInputError(f"{path}: not a readable DICOM file ({why(exc)})") from exc
+
+
+def why(exc: BaseException, limit: int = 160) -> str:
+    """An exception as a short reason for users, reports and logs: its type and the first line of its
+    message, printable characters only, at most ``limit`` of them. pydicom quotes the value it could not
+    read in full (a lying length makes that megabytes of pixel data, or a patient's name)."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _transfer_syntax(ds: Dataset) -> UID:
@@ -247,7 +257,7 @@ def read_dicom_media(path: str | Path) -> DicomVideo | DicomImage:
     path = Path(path)
     ds = _read_header(path)
     try:
-        uid = str(ds.get("SOPInstanceUID", "?"))
+        uid = "".join(c if c.isprintable() else "?" for c in str(ds.get("SOPInstanceUID", "?"))[:64])
         if "Rows" not in ds or "Columns" not in ds:
             raise UnreadableInputError(
                 f"{path}: DICOM object {uid} has no image pixel module (no pixel data)"
@@ -260,8 +270,7 @@ def read_dicom_media(path: str | Path) -> DicomVideo | DicomImage:
     except UnreadableInputError:
         raise
     except Exception as exc:  # a value of the wrong VR or a malformed number in the header
-        why = f"{type(exc).__name__}: {exc}"
-        raise UnreadableInputError(f"{path}: malformed DICOM image header ({why})") from exc
+        raise UnreadableInputError(f"{path}: malformed DICOM image header ({why(exc)})") from exc
     if ts in MPEG_TRANSFER_SYNTAXES:
         extents = _locate_fragments(path, uid)
         return DicomVideo(str(path), str(ts), rows, columns, n_frames or None, fps, extents)
@@ -318,7 +327,7 @@ def _locate_fragments(path: Path, uid: str) -> tuple[tuple[int, int], ...]:
         try:
             pydicom.dcmread(fh, force=True, stop_before_pixels=True, defer_size=DEFER_SIZE)
         except Exception as exc:
-            raise UnreadableInputError(f"{path}: not a readable DICOM file ({exc})") from exc
+            raise UnreadableInputError(f"{path}: not a readable DICOM file ({why(exc)})") from exc
         # stop_before_pixels rewinds to the start of (7FE0,0010): MPEG syntaxes are explicit VR LE.
         header = fh.read(12)
         if len(header) < 12 or struct.unpack("<HH", header[:4]) != (0x7FE0, 0x0010):

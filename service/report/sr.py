@@ -381,6 +381,7 @@ def _complete_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
     for its VR (a date that is no date, a wrong VR, an absurd length) is emptied as well: one bad attribute
     of a source must not stop the study's report (the source file keeps the original).
     """
+    ds = sane_header(ds)
     bad = [k for k in _PATIENT_STUDY_TYPE2 if k in ds and not _valid_value(ds, k)]
     missing = [k for k in _PATIENT_STUDY_TYPE2 if k not in ds]
     if not missing and not bad:
@@ -393,6 +394,57 @@ def _complete_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
         del out[keyword]
     for keyword in missing + bad:
         setattr(out, keyword, None)
+    return out
+
+
+_TEXT_VRS = frozenset(
+    ("AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT")
+)
+
+
+def sane_header(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` fit to build FaceSym's objects from (highdicom reads UIDs and names from it): a top-level
+    standard element whose VR is not its dictionary VR (a UID sent as PN, a name as SS) is re-read as its
+    dictionary VR when its bytes are valid text for it, else left out; values are never loaded from disk
+    (a huge deferred element stays deferred). ``ds`` itself is returned when nothing needed fixing."""
+    from pydicom import config
+    from pydicom.datadict import dictionary_VR
+    from pydicom.dataelem import DataElement
+    from pydicom.valuerep import validate_value
+
+    fixes: dict[int, DataElement | None] = {}
+    for tag in list(ds.keys()):
+        if tag.is_private or tag.group == 0x0002:
+            continue
+        raw = ds.get_item(tag, keep_deferred=True)
+        try:
+            want = dictionary_VR(tag)
+        except KeyError:
+            continue
+        if raw is None or raw.VR in (None, want) or " or " in want:
+            continue
+        fixes[int(tag)] = None
+        if want not in _TEXT_VRS or int(getattr(raw, "length", 0) or 0) > 1024:
+            continue
+        value = getattr(raw, "value", None)
+        try:
+            text = value.decode("ascii").strip(" \x00") if isinstance(value, bytes) else str(value)
+            validate_value(want, text, config.RAISE)
+            fixes[int(tag)] = DataElement(tag, want, text)
+        except Exception:  # not text, or not valid for its VR: left out
+            continue
+    if not fixes:
+        return ds
+    log.warning("source %s: %d element(s) with a wrong VR re-read or left out", ds.get("SOPInstanceUID", "?"),
+                len(fixes))
+    out = pydicom.Dataset()
+    out.update(ds)
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    for key, elem in fixes.items():
+        del out[key]
+        if elem is not None:
+            out[key] = elem
     return out
 
 
@@ -499,7 +551,7 @@ def build_report(
         name=codes.SCHEME_NAME,
         responsible_organization=codes.SCHEME_ORGANIZATION,
     )
-    evidence = [_complete_type2(evidence[0]), *evidence[1:]]
+    evidence = [_complete_type2(evidence[0]), *(sane_header(ds) for ds in evidence[1:])]
     sr = ComprehensiveSR(
         evidence=evidence,
         content=report,

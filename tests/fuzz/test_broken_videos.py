@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from conftest import free_port
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 ROOT = Path(__file__).resolve().parents[2]
 HEVC_MAIN = "1.2.840.10008.1.2.4.107"
 

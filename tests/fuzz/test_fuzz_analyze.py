@@ -20,7 +20,7 @@ from fuzz_corpus import Case, build_seeds, cases, materialize, reset_peak_rss, r
 from hypothesis import HealthCheck, Phase, given, note, seed, settings
 
 # pydicom warns about every malformed value it reads (the point of these inputs): keep the log readable.
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ_SEED = int(os.environ.get("FACESYM_FUZZ_SEED", "20261121"))
 N_CASES = int(os.environ.get("FACESYM_FUZZ_ANALYZE_CASES", "360"))
@@ -43,6 +43,8 @@ def _check_outcome(code: int, text: str, doc_path: Path) -> str:
         return f"exit code {code}"
     if "Traceback" in text:
         return "traceback printed"
+    if len(text) > 20000:  # a message quoting the input (a lying length makes that megabytes)
+        return f"a message of {len(text)} characters"
     if code and EXIT_MESSAGES[code] not in text:
         return f"exit {code} without the message {EXIT_MESSAGES[code]!r}"
     if "processing failed" in text:  # the CLI's last-resort net caught an unexpected exception: a bug
@@ -140,3 +142,26 @@ def test_analyze_subprocess_exit_codes_and_messages(seeds: dict, tmp_path: Path)
             assert "max_frame_pixels" in out, out
         if name == "absurd NumberOfFrames":
             assert "max_frames" in out, out
+
+
+def test_decode_limits_are_settings(seeds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """FACESYM_MAX_* reach `facesym analyze` (and the service, through Settings.decode_limits)."""
+    from service.cli import main
+    from service.config import load_settings
+    from service.errors import InvalidParameterError
+
+    video = materialize(Case("video"), seeds, tmp_path / "video.dcm")
+    for env, value, limit in (("FACESYM_MAX_FRAMES", "10", "max_frames=10"),
+                              ("FACESYM_MAX_FRAME_PIXELS", "10000", "max_frame_pixels=10000"),
+                              ("FACESYM_MAX_FILE_MB", "0", None)):
+        monkeypatch.setenv(env, value)
+        if limit is None:
+            with pytest.raises(InvalidParameterError, match="max_file_mb"):
+                load_settings()
+        else:
+            assert main(["analyze", str(video)]) == 2
+            assert limit in capsys.readouterr().out.replace("\n", "")
+        monkeypatch.delenv(env)
+    limits = load_settings(env={"FACESYM_MAX_IMAGE_PIXELS": "1234"}).decode_limits
+    assert limits.max_image_pixels == 1234 and limits.max_frames == 5400
