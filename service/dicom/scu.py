@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -62,6 +64,7 @@ def send_files(
     datasets += [ds for ds in extras if ds.SOPClassUID in accepted]
     try:
         for ds in datasets:
+            _reactor_resumed(assoc)
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code is None:
@@ -73,3 +76,17 @@ def send_files(
             log.info("delivered %s to %s (status 0x%04X)", ds.SOPInstanceUID, destination, code)
     finally:
         assoc.release()
+
+
+def _reactor_resumed(assoc: Any, limit: float = 1.0) -> None:
+    """Wait until the association's reactor thread runs again after the previous send_*().
+
+    pynetdicom 3.0 pauses the reactor for each send_*() and resumes it afterwards; until the resumed thread
+    has cleared its ``_is_paused`` flag, the next send_*() takes the stale flag for a pause and the reactor
+    can take that request's response off the queue ("Received unexpected C-STORE service message"): the
+    C-STORE then waits for the DIMSE timeout, the delivery fails and its retry sends the study's objects
+    again. Seen under CPU load (analysis threads in the same process); found by tests/reliability.
+    """
+    deadline = time.monotonic() + limit
+    while getattr(assoc, "_is_paused", False) and assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.0005)
