@@ -64,7 +64,7 @@ def send_files(
     datasets += [ds for ds in extras if ds.SOPClassUID in accepted]
     try:
         for ds in datasets:
-            _reactor_resumed(assoc)
+            reactor_resumed(assoc)
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code is None:
@@ -78,7 +78,7 @@ def send_files(
         assoc.release()
 
 
-def _reactor_resumed(assoc: Any, limit: float = 1.0) -> None:
+def reactor_resumed(assoc: Any, limit: float = 1.0) -> None:
     """Wait until the association's reactor thread runs again after the previous send_*().
 
     pynetdicom 3.0 pauses the reactor for each send_*() and resumes it afterwards; until the resumed thread
