@@ -451,7 +451,7 @@ def sane_header(ds: pydicom.Dataset) -> pydicom.Dataset:
 def _valid_value(ds: pydicom.Dataset, keyword: str) -> bool:
     """The element has its dictionary VR, a sane length, and a value that VR accepts (PS3.5 6.2)."""
     from pydicom import config
-    from pydicom.datadict import dictionary_VR
+    from pydicom.datadict import dictionary_VM, dictionary_VR
     from pydicom.valuerep import DA, DT, TM, validate_value
 
     try:
@@ -459,7 +459,7 @@ def _valid_value(ds: pydicom.Dataset, keyword: str) -> bool:
         if raw is None or int(getattr(raw, "length", 0) or 0) > 1024:
             return raw is None
         elem = ds[keyword]
-        if dictionary_VR(elem.tag) != elem.VR:
+        if dictionary_VR(elem.tag) != elem.VR or (dictionary_VM(elem.tag) == "1" and elem.VM > 1):
             return False
         values = elem.value if elem.VM > 1 else [elem.value]
         for value in values:
