@@ -51,6 +51,8 @@ PHASES = ("receive", "analysis", "delivery")
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[StudyFiles]:
+    require_peer("storescu"), require_peer("storescp")  # skip before making 300 files for nothing
+    require_private_netns("DCMTK storescp (the PACS)")
     templates = templates_once(tmp_path_factory)
     out = tmp_path_factory.mktemp("crash-studies")
     return [clone_study(templates, out, n) for n in range(N_STUDIES)]
