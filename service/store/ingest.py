@@ -25,7 +25,6 @@ import logging
 import os
 import struct
 import threading
-import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,9 +60,8 @@ _CHUNK = 1 << 20
 _DEFER_SIZE = 1 << 20
 _VIDEO_SOP_CLASSES = frozenset(f"1.2.840.10008.5.1.4.1.1.77.1.{n}.1" for n in (1, 2, 4))  # PS3.4 B.5
 _MAX_VALUE_BYTES = 1 << 16
-# One writer per SOP Instance UID in this process (striped): two associations sending the same
-# object must not both place a file at the same path.
-_LOCKS = tuple(threading.Lock() for _ in range(64))
+#: Most objects placed and committed in one transaction (group commit, see :class:`_GroupCommit`).
+MAX_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -318,48 +316,156 @@ def _ingest(
         return IngestResult("rejected", "", "", 0, rej.reason, rej.rejection)
     digest = dataset_sha256(tmp)
     size = tmp.stat().st_size
-    fsync_file(tmp)  # outside the lock: the rename under it is then cheap
-    lock = _LOCKS[zlib.crc32(head.sop_uid.encode()) % len(_LOCKS)]
-    with lock:
-        for attempt in (1, 2):
+    fsync_file(tmp)  # here, in the association's own thread: many fsyncs run at once, none under the lock
+    item = _Pending(tmp, head, digest, size, calling_ae, policy, engine_version)
+    return _committer(files).submit(item, lambda batch: _commit_batch(sessions, files, batch))
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One object waiting for its transaction: read, hashed and fsynced by its association's thread."""
+
+    tmp: Path
+    head: _Header
+    digest: str
+    size: int
+    calling_ae: str
+    policy: str
+    engine_version: str
+    done: bool = False
+    result: IngestResult | None = None
+    error: BaseException | None = None
+
+
+class _GroupCommit:
+    """Group commit of the objects that arrive together, one writer at a time per file store.
+
+    Each association's thread reads, hashes and fsyncs its own file in parallel, then queues it here.
+    The first thread to find no writer becomes the writer: it takes up to :data:`MAX_BATCH` queued objects,
+    stores them in ONE database transaction with one fsync per directory (:meth:`FileStore.place_many`)
+    and one commit, answers them, and repeats until its own object is answered; then the next waiting
+    thread takes over. So each object still gets its answer only after its file is fsynced and renamed
+    into place and its rows are committed, while a burst of small objects costs a few fsyncs per batch
+    instead of a few per object. A batch that fails in any way (a rejection, a race with another process,
+    a failed commit) is undone and its objects are stored one by one, each with the single-object path's
+    outcome and retry. One writer per store also means two associations never place the same path.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._writing = False
+
+    def submit(self, item: _Pending, commit: Any) -> IngestResult:
+        writer = False
+        with self._cond:
+            self._queue.append(item)
+            while not item.done and self._writing:
+                self._cond.wait()
+            if not item.done:
+                self._writing = writer = True
+        if writer:
             try:
-                result = _transaction(
-                    sessions, files, tmp, head, digest, size, calling_ae, policy, engine_version
-                )
-            except _Rejected as rej:
-                log.warning(
-                    "rejected SOP Instance %s (study %s) from %s: %s",
-                    head.sop_uid,
-                    head.study_uid,
-                    calling_ae,
-                    rej.reason,
-                )
-                return IngestResult("rejected", head.sop_uid, head.study_uid, 0, rej.reason, rej.rejection)
-            except (IntegrityError, OperationalError) as exc:
-                # A racing association inserted the same patient/study/series/job (or SQLite was busy).
-                if attempt == 2:
-                    raise
-                log.info("retrying SOP Instance %s after %s", head.sop_uid, type(exc).__name__)
-                continue
-            if result.outcome == "duplicate":
-                log.info(
-                    "duplicate SOP Instance %s (version %d, study %s) from %s: identical, not stored again",
-                    head.sop_uid,
-                    result.version,
-                    head.study_uid,
-                    calling_ae,
-                )
-            else:
-                log.info(
-                    "stored SOP Instance %s version %d (study %s, series %s) from %s",
-                    head.sop_uid,
-                    result.version,
-                    head.study_uid,
-                    head.series_uid,
-                    calling_ae,
-                )
-            return result
+                while not item.done:
+                    with self._cond:
+                        batch = self._queue[:MAX_BATCH]
+                        del self._queue[:MAX_BATCH]
+                    try:
+                        commit(batch)  # sets every item's result or error
+                    except BaseException as exc:  # pragma: no cover - commit catches what it can
+                        for pending in batch:
+                            if pending.result is None and pending.error is None:
+                                pending.error = exc
+                    with self._cond:
+                        for pending in batch:
+                            pending.done = True
+                        self._cond.notify_all()
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()  # a thread whose object is still queued takes over
+        if item.error is not None:
+            raise item.error
+        assert item.result is not None
+        return item.result
+
+
+_COMMITTERS: dict[Path, _GroupCommit] = {}
+_COMMITTERS_LOCK = threading.Lock()
+
+
+def _committer(files: FileStore) -> _GroupCommit:
+    with _COMMITTERS_LOCK:
+        return _COMMITTERS.setdefault(files.root, _GroupCommit())
+
+
+def _commit_batch(sessions: sessionmaker, files: FileStore, batch: list[_Pending]) -> None:
+    """Store ``batch`` in one transaction, or else one by one; sets each item's result or error."""
+    if len(batch) > 1:
+        try:
+            results = _batch_transaction(sessions, files, batch)
+        except Exception as exc:  # undone; every object gets the single-object treatment below
+            log.info("storing %d objects one by one after %s", len(batch), type(exc).__name__)
+        else:
+            for item, result in zip(batch, results, strict=True):
+                item.result = result
+                _log_outcome(item, result)
+            return
+    for item in batch:
+        try:
+            item.result = _store_alone(sessions, files, item)
+        except BaseException as exc:  # raised again in the item's own thread
+            item.error = exc
+
+
+def _store_alone(sessions: sessionmaker, files: FileStore, item: _Pending) -> IngestResult:
+    head = item.head
+    for attempt in (1, 2):
+        try:
+            result = _transaction(
+                sessions, files, item.tmp, head, item.digest, item.size, item.calling_ae, item.policy,
+                item.engine_version,
+            )
+        except _Rejected as rej:
+            result = IngestResult("rejected", head.sop_uid, head.study_uid, 0, rej.reason, rej.rejection)
+        except (IntegrityError, OperationalError) as exc:
+            # Another process inserted the same patient/study/series/job (or SQLite was busy).
+            if attempt == 2:
+                raise
+            log.info("retrying SOP Instance %s after %s", head.sop_uid, type(exc).__name__)
+            continue
+        _log_outcome(item, result)
+        return result
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _log_outcome(item: _Pending, result: IngestResult) -> None:
+    head = item.head
+    if result.outcome == "rejected":
+        log.warning(
+            "rejected SOP Instance %s (study %s) from %s: %s",
+            head.sop_uid,
+            head.study_uid,
+            item.calling_ae,
+            result.reason,
+        )
+    elif result.outcome == "duplicate":
+        log.info(
+            "duplicate SOP Instance %s (version %d, study %s) from %s: identical, not stored again",
+            head.sop_uid,
+            result.version,
+            head.study_uid,
+            item.calling_ae,
+        )
+    else:
+        log.info(
+            "stored SOP Instance %s version %d (study %s, series %s) from %s",
+            head.sop_uid,
+            result.version,
+            head.study_uid,
+            head.series_uid,
+            item.calling_ae,
+        )
 
 
 def _check_limits(limits: DecodeLimits, path: Path, ds: Dataset | None, sop_class: str = "") -> None:
@@ -390,59 +496,221 @@ def _transaction(
     policy: str,
     engine_version: str,
 ) -> IngestResult:
+    """One object in its own transaction (a rejection raises _Rejected; the session rolls back)."""
     now = datetime.now(UTC)
-    ds = head.ds
     with sessions() as session:
         _begin_write(session)
-        kept = session.scalars(
-            select(Instance).where(Instance.sop_instance_uid == head.sop_uid).order_by(Instance.version)
-        ).all()
-        for inst in kept:
-            if inst.sha256 == digest:
-                session.rollback()
-                return IngestResult("duplicate", head.sop_uid, head.study_uid, inst.version, path=inst.path)
-        if kept and policy == "reject":
+        result = _stage(_Lookup(session), head, digest, size, calling_ae, policy, engine_version, now)
+        if result.outcome == "duplicate":
             session.rollback()
-            raise _Rejected("conflict", f"SOP Instance {head.sop_uid} already stored with other content")
-        version = kept[-1].version + 1 if kept else 1
-        rel = instance_relpath(head.study_uid, head.series_uid, head.sop_uid, version)
-
-        # FaceSym's own reports (key images, PDF) coming back from a PACS that routes whole studies are
-        # kept, but they are not new data: they neither restart the quiet period nor reopen the job.
-        own = is_facesym_output(ds)
-        patient = _upsert_patient(session, ds)
-        study = _upsert_study(session, ds, head.study_uid, patient, now, touch=not own)
-        series = _upsert_series(session, ds, head.series_uid, study)
-        session.add(
-            Instance(
-                sop_instance_uid=head.sop_uid,
-                version=version,
-                series=series,
-                sop_class_uid=head.sop_class,
-                transfer_syntax_uid=head.transfer_syntax,
-                instance_number=_int(ds, "InstanceNumber"),
-                number_of_frames=_frames(ds),
-                image_comments=_text(ds, "ImageComments", 10240),
-                path=rel,
-                sha256=digest,
-                size=size,
-                calling_ae=(calling_ae or "").strip()[:16],
-                received_at=now,
-                facesym_output=own,
-            )
-        )
-        if not own:
-            _touch_job(session, study, engine_version, now)
-        session.flush()  # constraint violations surface here, before any file moves
-
-        target = files.place(tmp, rel)
+            return result
+        session.flush()  # constraint violations surface here, before the file moves
+        target = files.place(tmp, result.path)
         try:
             session.commit()
         except BaseException:
             _unplace(target, tmp)
             raise
+    return result
+
+
+def _batch_transaction(sessions: sessionmaker, files: FileStore, batch: list[_Pending]) -> list[IngestResult]:
+    """All of ``batch`` in one transaction: rows staged in order (a later object sees the earlier ones,
+    so the same SOP Instance twice is a duplicate or the next version), files renamed with one fsync per
+    folder, one commit. Anything that fails undoes the whole batch (files taken back) and raises."""
+    now = datetime.now(UTC)
+    results: list[IngestResult] = []
+    placed: list[tuple[Path, Path]] = []
+    with sessions() as session:
+        _begin_write(session)
+        lookup = _Lookup(session)
+        lookup.prefetch([item.head for item in batch], {item.engine_version for item in batch})
+        moves: list[tuple[Path, str]] = []
+        for item in batch:
+            result = _stage(
+                lookup, item.head, item.digest, item.size, item.calling_ae, item.policy, item.engine_version,
+                now,
+            )
+            results.append(result)
+            if result.outcome != "duplicate":
+                moves.append((item.tmp, result.path))
+        session.flush()  # constraint violations surface here, before any file moves
+        try:
+            try:
+                targets = files.place_many(moves, synced=True)
+            except BaseException:
+                # Take back what was renamed before the failure: each target still exists where it went.
+                for tmp, rel in moves:
+                    target = files.abspath(rel)
+                    if target.exists() and not tmp.exists():
+                        placed.append((target, tmp))
+                raise
+            placed = [(target, tmp) for target, (tmp, _) in zip(targets, moves, strict=True)]
+            session.commit()
+        except BaseException:
+            for target, tmp in reversed(placed):
+                _unplace(target, tmp)
+            raise
+    return results
+
+
+def _stage(
+    lookup: _Lookup,
+    head: _Header,
+    digest: str,
+    size: int,
+    calling_ae: str,
+    policy: str,
+    engine_version: str,
+    now: datetime,
+) -> IngestResult:
+    """Add one object's rows to the session (not flushed) and return its outcome, whose ``path`` is where
+    its file goes; "duplicate" adds nothing. Raises _Rejected; the caller rolls back."""
+    ds = head.ds
+    kept = lookup.instances(head.sop_uid)
+    for inst in kept:
+        if inst.sha256 == digest:
+            return IngestResult("duplicate", head.sop_uid, head.study_uid, inst.version, path=inst.path)
+    if kept and policy == "reject":
+        raise _Rejected("conflict", f"SOP Instance {head.sop_uid} already stored with other content")
+    version = kept[-1].version + 1 if kept else 1
+    rel = instance_relpath(head.study_uid, head.series_uid, head.sop_uid, version)
+
+    # FaceSym's own reports (key images, PDF) coming back from a PACS that routes whole studies are
+    # kept, but they are not new data: they neither restart the quiet period nor reopen the job.
+    own = is_facesym_output(ds)
+    patient = _upsert_patient(lookup, ds)
+    study = _upsert_study(lookup, ds, head.study_uid, patient, now, touch=not own)
+    series = _upsert_series(lookup, ds, head.series_uid, study)
+    instance = Instance(
+        sop_instance_uid=head.sop_uid,
+        version=version,
+        series=series,
+        sop_class_uid=head.sop_class,
+        transfer_syntax_uid=head.transfer_syntax,
+        instance_number=_int(ds, "InstanceNumber"),
+        number_of_frames=_frames(ds),
+        image_comments=_text(ds, "ImageComments", 10240),
+        path=rel,
+        sha256=digest,
+        size=size,
+        calling_ae=(calling_ae or "").strip()[:16],
+        received_at=now,
+        facesym_output=own,
+    )
+    lookup.session.add(instance)
+    kept.append(instance)  # a later object of the same transaction sees this version
+    if not own:
+        _touch_job(lookup, study, engine_version, now)
     outcome: Outcome = "new_version" if version > 1 else "stored"
     return IngestResult(outcome, head.sop_uid, head.study_uid, version, path=rel)
+
+
+_PatientKey = tuple[str, str, str]
+
+
+def _patient_key(ds: Dataset) -> _PatientKey:
+    return _text(ds, "PatientID", 64), _text(ds, "IssuerOfPatientID", 64), _text(ds, "PatientName", 324)
+
+
+class _Lookup:
+    """The rows one ingest transaction reads, each read at most once: for a batch, one IN query per table
+    up front (:meth:`prefetch`), else on first use. Rows the transaction creates are added, so a later
+    object of the same batch finds them without a query (nothing is flushed until the batch is staged)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._instances: dict[str, list[Instance]] = {}
+        self._patients: dict[_PatientKey, Patient | None] = {}
+        self._studies: dict[str, Study | None] = {}
+        self._series: dict[str, Series | None] = {}
+        self._jobs: dict[tuple[str, str], Job | None] = {}
+
+    def prefetch(self, heads: list[_Header], engine_versions: set[str]) -> None:
+        s = self.session
+        sops = sorted({h.sop_uid for h in heads})
+        for inst in s.scalars(
+            select(Instance).where(Instance.sop_instance_uid.in_(sops)).order_by(Instance.version)
+        ):
+            self._instances.setdefault(inst.sop_instance_uid, []).append(inst)
+        for uid in sops:
+            self._instances.setdefault(uid, [])
+        keys = {_patient_key(h.ds) for h in heads}
+        # By PatientID alone (one cheap IN query), the exact key matched here.
+        ids = sorted({key[0] for key in keys})
+        for patient in s.scalars(select(Patient).where(Patient.patient_id.in_(ids)).order_by(Patient.id)):
+            key = (patient.patient_id, patient.issuer, patient.name)
+            if key in keys:
+                self._patients.setdefault(key, patient)
+        for key in keys:
+            self._patients.setdefault(key, None)
+        studies = sorted({h.study_uid for h in heads})
+        for study in s.scalars(select(Study).where(Study.study_uid.in_(studies))):
+            self._studies[study.study_uid] = study
+        for uid in studies:
+            self._studies.setdefault(uid, None)
+        series_uids = sorted({h.series_uid for h in heads})
+        for series in s.scalars(select(Series).where(Series.series_uid.in_(series_uids))):
+            self._series[series.series_uid] = series
+        for uid in series_uids:
+            self._series.setdefault(uid, None)
+        known = {st.id: st.study_uid for st in self._studies.values() if st is not None}
+        if known:
+            query = select(Job).where(
+                Job.study_pk.in_(sorted(known)), Job.engine_version.in_(sorted(engine_versions))
+            )
+            for job in s.scalars(query):
+                self._jobs[(known[job.study_pk], job.engine_version)] = job
+        for uid in studies:
+            for version in engine_versions:
+                self._jobs.setdefault((uid, version), None)
+
+    def instances(self, sop_uid: str) -> list[Instance]:
+        """The kept versions of ``sop_uid``, oldest first (the transaction appends its new one)."""
+        if sop_uid not in self._instances:
+            self._instances[sop_uid] = list(
+                self.session.scalars(
+                    select(Instance).where(Instance.sop_instance_uid == sop_uid).order_by(Instance.version)
+                )
+            )
+        return self._instances[sop_uid]
+
+    def patient(self, key: _PatientKey) -> Patient | None:
+        if key not in self._patients:
+            a, b, c = key
+            self._patients[key] = self.session.scalar(
+                select(Patient).where(Patient.patient_id == a, Patient.issuer == b, Patient.name == c)
+            )
+        return self._patients[key]
+
+    def study(self, uid: str) -> Study | None:
+        if uid not in self._studies:
+            self._studies[uid] = self.session.scalar(select(Study).where(Study.study_uid == uid))
+        return self._studies[uid]
+
+    def series(self, uid: str) -> Series | None:
+        if uid not in self._series:
+            self._series[uid] = self.session.scalar(select(Series).where(Series.series_uid == uid))
+        return self._series[uid]
+
+    def job(self, study: Study, engine_version: str) -> Job | None:
+        key = (study.study_uid, engine_version)
+        if key not in self._jobs:
+            self._jobs[key] = None if study.id is None else self.session.scalar(
+                select(Job).where(Job.study_pk == study.id, Job.engine_version == engine_version)
+            )
+        return self._jobs[key]
+
+    def added(self, row: Patient | Study | Series | Job) -> None:
+        """A row the transaction created (after :meth:`Session.add`)."""
+        if isinstance(row, Patient):
+            self._patients[(row.patient_id, row.issuer, row.name)] = row
+        elif isinstance(row, Study):
+            self._studies[row.study_uid] = row
+        elif isinstance(row, Series):
+            self._series[row.series_uid] = row
+        else:
+            self._jobs[(row.study.study_uid, row.engine_version)] = row
 
 
 def _begin_write(session: Session) -> None:
@@ -466,17 +734,15 @@ def _unplace(target: Path, tmp: Path) -> None:
         log.exception("could not take back %s after a failed commit", target.name)
 
 
-def _upsert_patient(session: Session, ds: Dataset) -> Patient:
-    key: dict[str, Any] = {
-        "patient_id": _text(ds, "PatientID", 64),
-        "issuer": _text(ds, "IssuerOfPatientID", 64),
-        "name": _text(ds, "PatientName", 324),
-    }
-    patient = session.scalar(select(Patient).filter_by(**key))
+def _upsert_patient(lookup: _Lookup, ds: Dataset) -> Patient:
+    key = _patient_key(ds)
+    patient = lookup.patient(key)
     if patient is None:
-        patient = Patient(**key, birth_date=_text(ds, "PatientBirthDate", 8), sex=_text(ds, "PatientSex", 16))
-        session.add(patient)
-        session.flush()
+        patient_id, issuer, name = key
+        patient = Patient(patient_id=patient_id, issuer=issuer, name=name,
+                          birth_date=_text(ds, "PatientBirthDate", 8), sex=_text(ds, "PatientSex", 16))
+        lookup.session.add(patient)
+        lookup.added(patient)
     else:
         patient.birth_date = patient.birth_date or _text(ds, "PatientBirthDate", 8)
         patient.sex = patient.sex or _text(ds, "PatientSex", 16)
@@ -490,7 +756,7 @@ def is_facesym_output(ds: Dataset) -> bool:
 
 
 def _upsert_study(
-    session: Session, ds: Dataset, study_uid: str, patient: Patient, now: datetime, touch: bool = True
+    lookup: _Lookup, ds: Dataset, study_uid: str, patient: Patient, now: datetime, touch: bool = True
 ) -> Study:
     fields = {
         "accession_number": _text(ds, "AccessionNumber", 16),
@@ -500,13 +766,15 @@ def _upsert_study(
         "study_description": _text(ds, "StudyDescription", 64),
         "referring_physician": _text(ds, "ReferringPhysicianName", 324),
     }
-    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    study = lookup.study(study_uid)
     if study is None:
         study = Study(study_uid=study_uid, patient=patient, last_received_at=now, **fields)
-        session.add(study)
-        session.flush()
+        lookup.session.add(study)
+        lookup.added(study)
         return study
-    if study.patient_pk != patient.id:
+    # Objects, not keys: rows of this transaction have no id yet (the patient is in the session's
+    # identity map, so this reads nothing unless the study's patient really is another one).
+    if study.patient is not patient:
         # Corrected demographics are resent under the same Study Instance UID: the latest wins.
         log.info("study %s: patient identification changed; linking the latest", study_uid)
         study.patient = patient
@@ -518,8 +786,8 @@ def _upsert_study(
     return study
 
 
-def _upsert_series(session: Session, ds: Dataset, series_uid: str, study: Study) -> Series:
-    series = session.scalar(select(Series).where(Series.series_uid == series_uid))
+def _upsert_series(lookup: _Lookup, ds: Dataset, series_uid: str, study: Study) -> Series:
+    series = lookup.series(series_uid)
     if series is None:
         series = Series(
             series_uid=series_uid,
@@ -530,21 +798,22 @@ def _upsert_series(session: Session, ds: Dataset, series_uid: str, study: Study)
             protocol_name=_text(ds, "ProtocolName", 64),
             performed_procedure_step_description=_text(ds, "PerformedProcedureStepDescription", 64),
         )
-        session.add(series)
-        session.flush()
+        lookup.session.add(series)
+        lookup.added(series)
         return series
-    if series.study_pk != study.id:
-        session.rollback()
+    if series.study is not study:
         raise _Rejected(
             "inconsistent", f"series {series_uid} already belongs to another study than {study.study_uid}"
         )
     return series
 
 
-def _touch_job(session: Session, study: Study, engine_version: str, now: datetime) -> None:
-    job = session.scalar(select(Job).where(Job.study_pk == study.id, Job.engine_version == engine_version))
+def _touch_job(lookup: _Lookup, study: Study, engine_version: str, now: datetime) -> None:
+    job = lookup.job(study, engine_version)
     if job is None:
-        session.add(Job(study=study, engine_version=engine_version, state=JobState.RECEIVED, next_run_at=now))
+        job = Job(study=study, engine_version=engine_version, state=JobState.RECEIVED, next_run_at=now)
+        lookup.session.add(job)
+        lookup.added(job)
         return
     if job.state == JobState.QUEUED:
         job.state = JobState.RECEIVED  # the quiet period starts again
