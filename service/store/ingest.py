@@ -25,7 +25,7 @@ import logging
 import os
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -174,14 +174,26 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+_PatientKey = tuple[str, str, str]
+
+
 @dataclass(frozen=True)
 class _Header:
+    """What the rows need from one object, read once from its header (in the association's own thread, so
+    the one writer of a group commit touches no pydicom element)."""
+
     sop_class: str
     sop_uid: str
     study_uid: str
     series_uid: str
     ds: Dataset
     transfer_syntax: str
+    patient_key: _PatientKey = ("", "", "")  # PatientID, IssuerOfPatientID, PatientName
+    patient: dict[str, Any] = field(default_factory=dict)  # the Patient columns besides the key
+    study: dict[str, Any] = field(default_factory=dict)
+    series: dict[str, Any] = field(default_factory=dict)
+    instance: dict[str, Any] = field(default_factory=dict)
+    own: bool = False  # FaceSym's own output (is_facesym_output)
 
 
 def _read_header(path: Path) -> _Header:
@@ -215,6 +227,31 @@ def _read_header(path: Path) -> _Header:
         uids["SeriesInstanceUID"],
         ds,
         ts,
+        patient_key=(
+            _text(ds, "PatientID", 64), _text(ds, "IssuerOfPatientID", 64), _text(ds, "PatientName", 324)
+        ),
+        patient={"birth_date": _text(ds, "PatientBirthDate", 8), "sex": _text(ds, "PatientSex", 16)},
+        study={
+            "accession_number": _text(ds, "AccessionNumber", 16),
+            "study_id": _text(ds, "StudyID", 16),
+            "study_date": _text(ds, "StudyDate", 8),
+            "study_time": _text(ds, "StudyTime", 32),
+            "study_description": _text(ds, "StudyDescription", 64),
+            "referring_physician": _text(ds, "ReferringPhysicianName", 324),
+        },
+        series={
+            "modality": _text(ds, "Modality", 16),
+            "series_number": _int(ds, "SeriesNumber"),
+            "series_description": _text(ds, "SeriesDescription", 64),
+            "protocol_name": _text(ds, "ProtocolName", 64),
+            "performed_procedure_step_description": _text(ds, "PerformedProcedureStepDescription", 64),
+        },
+        instance={
+            "instance_number": _int(ds, "InstanceNumber"),
+            "number_of_frames": _frames(ds),
+            "image_comments": _text(ds, "ImageComments", 10240),
+        },
+        own=is_facesym_output(ds),
     )
 
 
@@ -422,10 +459,7 @@ def _store_alone(sessions: sessionmaker, files: FileStore, item: _Pending) -> In
     head = item.head
     for attempt in (1, 2):
         try:
-            result = _transaction(
-                sessions, files, item.tmp, head, item.digest, item.size, item.calling_ae, item.policy,
-                item.engine_version,
-            )
+            (result,) = _batch_transaction(sessions, files, [item])
         except _Rejected as rej:
             result = IngestResult("rejected", head.sop_uid, head.study_uid, 0, rej.reason, rej.rejection)
         except (IntegrityError, OperationalError) as exc:
@@ -485,39 +519,12 @@ def _check_limits(limits: DecodeLimits, path: Path, ds: Dataset | None, sop_clas
         raise _Rejected("limit", str(exc)) from None
 
 
-def _transaction(
-    sessions: sessionmaker,
-    files: FileStore,
-    tmp: Path,
-    head: _Header,
-    digest: str,
-    size: int,
-    calling_ae: str,
-    policy: str,
-    engine_version: str,
-) -> IngestResult:
-    """One object in its own transaction (a rejection raises _Rejected; the session rolls back)."""
-    now = datetime.now(UTC)
-    with sessions() as session:
-        _begin_write(session)
-        result = _stage(_Lookup(session), head, digest, size, calling_ae, policy, engine_version, now)
-        if result.outcome == "duplicate":
-            session.rollback()
-            return result
-        session.flush()  # constraint violations surface here, before the file moves
-        target = files.place(tmp, result.path)
-        try:
-            session.commit()
-        except BaseException:
-            _unplace(target, tmp)
-            raise
-    return result
-
-
 def _batch_transaction(sessions: sessionmaker, files: FileStore, batch: list[_Pending]) -> list[IngestResult]:
-    """All of ``batch`` in one transaction: rows staged in order (a later object sees the earlier ones,
-    so the same SOP Instance twice is a duplicate or the next version), files renamed with one fsync per
-    folder, one commit. Anything that fails undoes the whole batch (files taken back) and raises."""
+    """All of ``batch`` (one object or more) in one transaction: the rows it needs read up front, rows
+    staged in order (a later object sees the earlier ones, so the same SOP Instance twice is a duplicate
+    or the next version), files renamed with one fsync per folder (each file itself was fsynced before),
+    one commit. Anything that fails undoes the whole batch (files taken back) and raises (a rejection
+    as _Rejected)."""
     now = datetime.now(UTC)
     results: list[IngestResult] = []
     placed: list[tuple[Path, Path]] = []
@@ -566,7 +573,6 @@ def _stage(
 ) -> IngestResult:
     """Add one object's rows to the session (not flushed) and return its outcome, whose ``path`` is where
     its file goes; "duplicate" adds nothing. Raises _Rejected; the caller rolls back."""
-    ds = head.ds
     kept = lookup.instances(head.sop_uid)
     for inst in kept:
         if inst.sha256 == digest:
@@ -578,19 +584,17 @@ def _stage(
 
     # FaceSym's own reports (key images, PDF) coming back from a PACS that routes whole studies are
     # kept, but they are not new data: they neither restart the quiet period nor reopen the job.
-    own = is_facesym_output(ds)
-    patient = _upsert_patient(lookup, ds)
-    study = _upsert_study(lookup, ds, head.study_uid, patient, now, touch=not own)
-    series = _upsert_series(lookup, ds, head.series_uid, study)
+    own = head.own
+    patient = _upsert_patient(lookup, head)
+    study = _upsert_study(lookup, head, patient, now, touch=not own)
+    series = _upsert_series(lookup, head, study)
     instance = Instance(
         sop_instance_uid=head.sop_uid,
         version=version,
         series=series,
         sop_class_uid=head.sop_class,
         transfer_syntax_uid=head.transfer_syntax,
-        instance_number=_int(ds, "InstanceNumber"),
-        number_of_frames=_frames(ds),
-        image_comments=_text(ds, "ImageComments", 10240),
+        **head.instance,
         path=rel,
         sha256=digest,
         size=size,
@@ -604,13 +608,6 @@ def _stage(
         _touch_job(lookup, study, engine_version, now)
     outcome: Outcome = "new_version" if version > 1 else "stored"
     return IngestResult(outcome, head.sop_uid, head.study_uid, version, path=rel)
-
-
-_PatientKey = tuple[str, str, str]
-
-
-def _patient_key(ds: Dataset) -> _PatientKey:
-    return _text(ds, "PatientID", 64), _text(ds, "IssuerOfPatientID", 64), _text(ds, "PatientName", 324)
 
 
 class _Lookup:
@@ -635,7 +632,7 @@ class _Lookup:
             self._instances.setdefault(inst.sop_instance_uid, []).append(inst)
         for uid in sops:
             self._instances.setdefault(uid, [])
-        keys = {_patient_key(h.ds) for h in heads}
+        keys = {h.patient_key for h in heads}
         # By PatientID alone (one cheap IN query), the exact key matched here.
         ids = sorted({key[0] for key in keys})
         for patient in s.scalars(select(Patient).where(Patient.patient_id.in_(ids)).order_by(Patient.id)):
@@ -734,18 +731,16 @@ def _unplace(target: Path, tmp: Path) -> None:
         log.exception("could not take back %s after a failed commit", target.name)
 
 
-def _upsert_patient(lookup: _Lookup, ds: Dataset) -> Patient:
-    key = _patient_key(ds)
-    patient = lookup.patient(key)
+def _upsert_patient(lookup: _Lookup, head: _Header) -> Patient:
+    patient = lookup.patient(head.patient_key)
     if patient is None:
-        patient_id, issuer, name = key
-        patient = Patient(patient_id=patient_id, issuer=issuer, name=name,
-                          birth_date=_text(ds, "PatientBirthDate", 8), sex=_text(ds, "PatientSex", 16))
+        patient_id, issuer, name = head.patient_key
+        patient = Patient(patient_id=patient_id, issuer=issuer, name=name, **head.patient)
         lookup.session.add(patient)
         lookup.added(patient)
     else:
-        patient.birth_date = patient.birth_date or _text(ds, "PatientBirthDate", 8)
-        patient.sex = patient.sex or _text(ds, "PatientSex", 16)
+        patient.birth_date = patient.birth_date or head.patient["birth_date"]
+        patient.sex = patient.sex or head.patient["sex"]
     return patient
 
 
@@ -756,16 +751,9 @@ def is_facesym_output(ds: Dataset) -> bool:
 
 
 def _upsert_study(
-    lookup: _Lookup, ds: Dataset, study_uid: str, patient: Patient, now: datetime, touch: bool = True
+    lookup: _Lookup, head: _Header, patient: Patient, now: datetime, touch: bool = True
 ) -> Study:
-    fields = {
-        "accession_number": _text(ds, "AccessionNumber", 16),
-        "study_id": _text(ds, "StudyID", 16),
-        "study_date": _text(ds, "StudyDate", 8),
-        "study_time": _text(ds, "StudyTime", 32),
-        "study_description": _text(ds, "StudyDescription", 64),
-        "referring_physician": _text(ds, "ReferringPhysicianName", 324),
-    }
+    study_uid, fields = head.study_uid, head.study
     study = lookup.study(study_uid)
     if study is None:
         study = Study(study_uid=study_uid, patient=patient, last_received_at=now, **fields)
@@ -786,18 +774,11 @@ def _upsert_study(
     return study
 
 
-def _upsert_series(lookup: _Lookup, ds: Dataset, series_uid: str, study: Study) -> Series:
+def _upsert_series(lookup: _Lookup, head: _Header, study: Study) -> Series:
+    series_uid = head.series_uid
     series = lookup.series(series_uid)
     if series is None:
-        series = Series(
-            series_uid=series_uid,
-            study=study,
-            modality=_text(ds, "Modality", 16),
-            series_number=_int(ds, "SeriesNumber"),
-            series_description=_text(ds, "SeriesDescription", 64),
-            protocol_name=_text(ds, "ProtocolName", 64),
-            performed_procedure_step_description=_text(ds, "PerformedProcedureStepDescription", 64),
-        )
+        series = Series(series_uid=series_uid, study=study, **head.series)
         lookup.session.add(series)
         lookup.added(series)
         return series
