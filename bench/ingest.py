@@ -187,7 +187,8 @@ def start_facesym(work: Path, max_associations: int) -> Server:
     log = open(work / "facesym.log", "wb")  # noqa: SIM115 - the child keeps it
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     server = Server("FaceSym SCP", "FACESYM", port, proc, data / "files",
-                    ["fsync per file + directory, SQLite WAL commit before Success", "PDU 1 MiB"])
+                    ["Success only after fsync of file and folder and the SQLite commit (synchronous=FULL)",
+                     "PDU 1 MiB"])
     return _wait_ready(server)
 
 
