@@ -22,6 +22,7 @@ from service.domain import Analysis, Side, Task
 from service.errors import FaceSymError, NotAnalysableError, UnreadableInputError
 
 if TYPE_CHECKING:
+    from service.jobs.scheduler import FaceSymService
     from service.media.limits import DecodeLimits
 
 log = logging.getLogger("facesym")
@@ -316,28 +317,15 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
     from service.config import load_settings
     from service.jobs.scheduler import FaceSymService
 
     settings = load_settings(args.config)
     logging.getLogger().setLevel(settings.log_level.upper())
-    service = FaceSymService(settings)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    service.start()
-    stop.wait()
-    service.stop()
-    return EXIT_OK
+    return _run_until_signalled(FaceSymService(settings))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
     from service.config import load_settings
     from service.jobs.scheduler import FaceSymService
 
@@ -345,7 +333,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if settings.workers < 1:
         raise FaceSymError("facesym worker needs workers >= 1 (FACESYM_WORKERS): it only analyses")
     logging.getLogger().setLevel(settings.log_level.upper())
-    service = FaceSymService(settings, receive=False)
+    return _run_until_signalled(FaceSymService(settings, receive=False))
+
+
+def _run_until_signalled(service: FaceSymService) -> int:
+    """Start ``service``, run until SIGTERM or SIGINT, then stop it cleanly."""
+    import signal
+    import threading
+
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, free_port, require_peer, require_private_netns
+from conftest import REPO, free_port, require_peer, require_private_netns, stop_process
 
 from service.config import Settings, load_settings
 
@@ -616,13 +616,7 @@ class _Orthanc:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, grace=10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -23,7 +22,7 @@ from types import TracebackType
 from typing import Any
 
 import pytest
-from conftest import free_port, require_peer
+from conftest import free_port, require_peer, stop_process
 
 FALLBACK_BINARY = "/usr/sbin/Orthanc"  # Debian installs it in sbin, which is not on a normal user's PATH
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # every Structured Report storage class
@@ -163,13 +162,7 @@ class OrthancPeer:
         pytest.fail(f"Orthanc did not answer on port {self.http_port} within {self.start_timeout:.0f} s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, grace=10)
         self._cleanup()
 
     def _cleanup(self) -> None:

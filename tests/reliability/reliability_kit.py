@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from conftest import stop_process
 from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,13 +140,7 @@ class Serve:
         self.proc.wait(20)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

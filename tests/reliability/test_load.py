@@ -9,7 +9,6 @@ as in production. Timings are recorded as figures, never asserted (bench/ingest.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, stop_process
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
@@ -150,12 +149,7 @@ def test_20_associations_x_50_objects_all_success_all_stored(tmp_path: Path, fig
         wall = time.monotonic() - t0
         assert not any(t.is_alive() for t in threads), "a sender hung"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
 
     statuses = Counter(s for o in outs for s in o["statuses"])
     errors = [o["error"] for o in outs if "error" in o]

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, stop_process
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from security_pki import Pki, shared_pki
@@ -202,12 +201,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
               and any(drop_dir.glob("*.json")), 150, "SR, FHIR POST and Bundle file", log)
         sr_received = len(receiver.reports)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
         receiver.stop()
         fhir.shutdown()
     out = Run(root, data_dir, drop_dir, {
