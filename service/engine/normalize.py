@@ -77,6 +77,11 @@ MIRROR: np.ndarray = np.asarray(_TABLE["mirror"], dtype=np.intp)
 MIRROR.setflags(write=False)
 if MIRROR.shape != (N_LANDMARKS,) or not np.array_equal(MIRROR[MIRROR], np.arange(N_LANDMARKS)):
     raise ImportError("mirror_map.json is not a 478-point involution; re-run scripts/make_mirror_map.py")
+#: The six tessellation edges that MIRROR cannot send onto an edge: MediaPipe's mesh draws three quads'
+#: diagonals the other way on the other side, so no map can (tests/unit/test_normalize.py proves it).
+TESSELLATION_ASYMMETRIES: tuple[tuple[int, int], ...] = tuple(
+    (int(a), int(b)) for pair in _TABLE["tessellation_asymmetries"] for a, b in pair
+)
 
 #: Index sets of the patient's left / right features (sorted), from MediaPipe's FACEMESH_* connections.
 LEFT_EYE: tuple[int, ...] = tuple(_REGIONS["left_eye"])

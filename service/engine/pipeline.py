@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -20,7 +21,7 @@ from service.engine import normalize as nz
 from service.engine import tasks as tk
 from service.engine.flow import FlowParams, regional_symmetry
 from service.engine.landmarks import FaceMeshDetector, TrackBuilder
-from service.engine.pixels import CropStore, align_to_reference, track_points
+from service.engine.pixels import CropStore, align_to_reference, track_points_from
 from service.engine.quality import QualityLimits, assess
 from service.engine.scores import GateThresholds, score_task
 from service.errors import NotAnalysableError
@@ -215,36 +216,36 @@ def _face_axes(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def _pixel_displacements(
-    seg: tk.Segment,
     lo: int,
     hi: int,
+    anchor: int,
     pts: np.ndarray,
     crops: CropStore,
     indices: list[int],
     rest_rel: slice,
     window_px: int = 21,
 ) -> np.ndarray | None:
-    """Displacements (hi − lo + 1, len(indices), 2) in D of Lucas–Kanade-tracked landmarks.
+    """Displacements (hi − lo + 1, len(indices), 2) in D, from rest, of Lucas–Kanade-tracked landmarks.
 
-    Head motion is removed.
+    The points are seeded where FaceMesh puts the landmarks in frame ``anchor`` and tracked both ways
+    through frames ``lo``..``hi``; rest is the median over ``rest_rel`` (relative to ``lo``). Head
+    translation is removed with the nasal dorsum (:data:`service.engine.tasks.STABLE`).
     """
     if crops.scale is None:
         return None
-    seed_frame = seg.rest_start
     stable = list(tk.STABLE)
-    seeds = crops.to_crop(pts[seed_frame, indices + stable])
-    tracked = track_points(crops.crops, seed_frame, hi + 1, seeds, window_px=window_px)
+    seeds = crops.to_crop(pts[anchor, indices + stable])
+    tracked = track_points_from(crops.crops, anchor, lo, hi, seeds, window_px=window_px)
     aligned = align_to_reference(
         tracked[:, : len(indices)], tracked[:, len(indices) :], seeds[len(indices) :]
     )
-    rest = np.nanmedian(aligned[rest_rel], axis=0)
-    e, u, d_px = _face_axes(pts[seed_frame])
+    rest = _nanmedian(aligned[rest_rel])  # a point lost before rest stays NaN (counted as lost)
+    e, u, d_px = _face_axes(pts[anchor])
     disp = aligned - rest
     d_crop = d_px * crops.scale
     out = np.full((hi - lo + 1, len(indices), 2), np.nan)
-    off = seed_frame - lo
-    out[off:, :, 0] = (disp @ e) / d_crop
-    out[off:, :, 1] = (disp @ u) / d_crop
+    out[..., 0] = (disp @ e) / d_crop
+    out[..., 1] = (disp @ u) / d_crop
     return out
 
 
@@ -269,6 +270,40 @@ def _task_signal(
     vl = vl - np.nanmean(c_l, axis=1, keepdims=True)
     vr = vr - np.nanmean(c_r, axis=1, keepdims=True)
     return tk.brow_signal(disp[:, :n], disp[:, n : 2 * n], c_l, c_r), vl, vr
+
+
+def _nanmedian(a: np.ndarray) -> np.ndarray:
+    """Median over axis 0 ignoring NaN; NaN (without numpy's warning) where a column has no value."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(a, axis=0)
+
+
+def _lost_fraction(px: np.ndarray | None, first: int, last: int) -> float:
+    """Fraction of (frame, point) pairs without a tracked position in frames ``first``..``last``."""
+    return 1.0 if px is None else float(np.isnan(px[first : last + 1]).any(axis=2).mean())
+
+
+def _peak_anchor(
+    task: Task,
+    disp: np.ndarray,
+    rest_pose: np.ndarray,
+    indices: list[int],
+    n: int,
+    usable: np.ndarray,
+    lo: int,
+    start: int,
+    end: int,
+    width: int,
+    peak_fraction: float,
+) -> int:
+    """The usable frame nearest the middle of the peak interval of ``disp`` (absolute frame index)."""
+    sig, _, _ = _task_signal(task, disp, rest_pose, indices, n)
+    bil = tk.smooth(np.nanmean(sig, axis=1), width)
+    p0, p1 = tk.peak_interval(bil, start - lo, end - lo, peak_fraction)
+    middle = lo + (p0 + p1) // 2
+    ok = np.flatnonzero(usable[lo : lo + len(disp)]) + lo
+    return int(ok[np.argmin(np.abs(ok - middle))]) if len(ok) else lo
 
 
 @functools.lru_cache(maxsize=4)
@@ -336,8 +371,20 @@ def _measure(
     candidates: list[tuple[str, np.ndarray]] = []
     if params.pixel_tracking:
         window = EYE_WINDOW_PX if task is Task.EYE_CLOSURE else 21
-        px = _pixel_displacements(seg, lo, hi, pts, crops, indices, rest_rel, window)
-        lost = 1.0 if px is None else float(np.isnan(px[start - lo : end - lo + 1]).any(axis=2).mean())
+        px = _pixel_displacements(lo, hi, lo, pts, crops, indices, rest_rel, window)
+        lost = _lost_fraction(px, start - lo, end - lo)
+        if task is Task.SMILE and px is not None and lost <= params.max_lost_pixel_fraction:
+            # The commissure is a fold, not a point of skin: seeded at rest, the tracked lip tissue rolls
+            # into the opening mouth and lags the corner. Seed where FaceMesh puts the corner at the peak
+            # instead (sharp there) and track back to rest; a still (palsied) side's corner still reads
+            # no motion, because the skin under a dragged landmark does not move.
+            anchor = _peak_anchor(task, px, rest_pose, indices, len(left_idx), usable, lo, start, end, width,
+                                  params.peak_fraction)
+            at_peak = _pixel_displacements(lo, hi, anchor, pts, crops, indices, rest_rel, window)
+            if _lost_fraction(at_peak, start - lo, end - lo) <= params.max_lost_pixel_fraction:
+                px, lost = at_peak, _lost_fraction(at_peak, start - lo, end - lo)
+            else:
+                notes.append("smile: the peak-anchored track was lost; tracked from rest")
         if px is not None and lost <= params.max_lost_pixel_fraction:
             candidates.append(("pixels", px))
         else:
@@ -362,8 +409,8 @@ def _measure(
     else:
         raise NotAnalysableError([f"{task.value}: movement could not be measured on both sides"])
     left, right = max(0.0, left_raw), max(0.0, right_raw)
-    v_left = np.nan_to_num(np.nanmedian(vl[peak], axis=0))
-    v_right = np.nan_to_num(np.nanmedian(vr[peak], axis=0))
+    v_left = np.nan_to_num(_nanmedian(vl[peak]))
+    v_right = np.nan_to_num(_nanmedian(vr[peak]))
     s = score_task(left, right, v_left, v_right, params.gates[task])
     if s.insufficient_activation:
         notes.append(f"insufficient activation: gate {s.activation_gate:.2f} < 1")

@@ -129,3 +129,24 @@ def align_to_reference(points: np.ndarray, stable: np.ndarray, stable_ref: np.nd
     """
     shift = np.nanmedian(stable - stable_ref[None], axis=1) if stable.shape[1] else np.zeros((len(points), 2))
     return points - shift[:, None, :]
+
+
+def track_points_from(
+    crops: list[np.ndarray | None],
+    anchor: int,
+    first: int,
+    last: int,
+    seeds: np.ndarray,
+    fb_max_px: float = 2.0,
+    window_px: int = 21,
+) -> np.ndarray:
+    """Track crop-pixel points seeded in frame ``anchor`` backward to ``first`` and forward to ``last``.
+
+    Returns (last − first + 1, N, 2) float32 crop-pixel positions, row 0 = frame ``first`` (NaN where
+    lost), as :func:`track_points` does one way. ``first <= anchor <= last``.
+    """
+    if not first <= anchor <= last:
+        raise ValueError(f"anchor must lie in [first, last]; got {anchor} not in [{first}, {last}]")
+    back = track_points(crops[first : anchor + 1][::-1], 0, anchor - first + 1, seeds, fb_max_px, window_px)
+    fwd = track_points(crops, anchor, last + 1, seeds, fb_max_px, window_px)
+    return np.concatenate([back[::-1], fwd[1:]], axis=0)

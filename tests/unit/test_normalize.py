@@ -92,20 +92,80 @@ def test_mirror_maps_tessellation_edges_onto_edges_except_three_flipped_quads():
     # other way on each side. Every other edge must map onto an edge.
     tess = _edges(fmc.FACEMESH_TESSELATION)
     broken = {frozenset(e) for e in tess if frozenset(int(nz.MIRROR[v]) for v in e) not in tess}
-    flipped = {
-        frozenset((75, 166)),
-        frozenset((289, 290)),
-        frozenset((79, 238)),
-        frozenset((250, 459)),
-        frozenset((161, 247)),
-        frozenset((260, 466)),
-    }
+    flipped = {frozenset(e) for e in nz.TESSELLATION_ASYMMETRIES}
+    quads = ((75, 166), (289, 290), (79, 238), (250, 459), (161, 247), (260, 466))
+    assert flipped == {frozenset(e) for e in quads}
     assert broken == flipped
     assert len(tess) == 1322
     for e in flipped:
         a, b = (int(nz.MIRROR[v]) for v in e)
         common = [c for c in range(468) if frozenset((a, c)) in tess and frozenset((b, c)) in tess]
         assert len(common) == 2 and frozenset(common) in tess  # the other diagonal of a quad
+
+
+def _forced_map(tess: set[frozenset[int]], start: dict[int, int]) -> tuple[dict[int, int], set[int]]:
+    """Extend ``start`` (the images of one triangle's vertices) to the map that preserving every
+    tessellation edge forces: across each interior edge (u, v) of triangle (u, v, w) lies one other
+    triangle (u, v, x), and its image must be the other triangle on (σu, σv). Returns the map and the
+    vertices where that is impossible (the image edge is missing, or x is forced to two images)."""
+    from collections import deque
+
+    adj: dict[int, set[int]] = {}
+    for e in tess:
+        a, b = tuple(e)
+        adj.setdefault(a, set()).add(b)
+        adj.setdefault(b, set()).add(a)
+    sigma = dict(start)
+    u0, v0, w0 = start
+    queue = deque([(u0, v0, w0), (u0, w0, v0), (v0, w0, u0)])
+    seen: set[tuple[frozenset[int], int]] = set()
+    conflicts: set[int] = set()
+    while queue:
+        u, v, w = queue.popleft()
+        if (frozenset((u, v)), w) in seen:
+            continue
+        seen.add((frozenset((u, v)), w))
+        across = (adj[u] & adj[v]) - {w}
+        if len(across) != 1:
+            continue  # a border edge (or a non-facial 3-cycle): nothing is forced across it
+        (x,) = across
+        su, sv = sigma[u], sigma[v]
+        image = (adj.get(su, set()) & adj.get(sv, set())) - {sigma[w]}
+        if frozenset((su, sv)) not in tess:
+            conflicts.update((u, v))
+            continue
+        if len(image) != 1:
+            continue
+        (y,) = image
+        if sigma.setdefault(x, y) != y:
+            conflicts.add(x)
+            continue
+        queue.extend([(u, x, v), (v, x, u)])
+    return sigma, conflicts
+
+
+def test_no_map_can_send_every_tessellation_edge_onto_an_edge():
+    """DESIGN's check "every tessellation edge maps onto an edge" cannot hold for MediaPipe 0.10.21's mesh.
+
+    Proof by the mesh itself: a map that fixes the midline points 1 and 4 and keeps every edge must send
+    the two triangles on edge 1–4, (1, 4, 44) and (1, 4, 274), onto themselves or onto each other, and
+    from there every other vertex's image is forced, triangle by triangle. Keeping them is the identity
+    (which breaks 61↔291); swapping them runs into contradictions, all at the three flipped quads.
+    """
+    tess = _edges(fmc.FACEMESH_TESSELATION)
+    on_1_4 = {v for v in range(468) if frozenset((1, v)) in tess and frozenset((4, v)) in tess}
+    assert on_1_4 == {44, 274}
+    identity, _ = _forced_map(tess, {1: 1, 4: 4, 44: 44})
+    assert identity[61] == 61 and identity[291] == 291  # keeping the triangles cannot pair 61 with 291
+    swapped, conflicts = _forced_map(tess, {1: 1, 4: 4, 44: 274})
+    assert conflicts, "an edge-preserving mirror exists after all: make the mirror-map check strict"
+    quads = {v for e in nz.TESSELLATION_ASYMMETRIES for v in e}
+    assert len(quads) == 12
+    near = quads | {n for q in quads for e in tess if q in e for n in e}
+    assert conflicts <= near | {int(nz.MIRROR[v]) for v in near}
+    # Away from the flipped quads the forced map is the committed mirror map.
+    agree = [v for v, m in swapped.items() if v not in near and int(nz.MIRROR[v]) not in near]
+    assert len(agree) > 400 and all(swapped[v] == nz.MIRROR[v] for v in agree)
 
 
 @pytest.mark.parametrize("side", ["EYE", "EYEBROW", "IRIS"])
