@@ -371,20 +371,22 @@ def _measure(
     candidates: list[tuple[str, np.ndarray]] = []
     if params.pixel_tracking:
         window = EYE_WINDOW_PX if task is Task.EYE_CLOSURE else 21
-        px = _pixel_displacements(lo, hi, lo, pts, crops, indices, rest_rel, window)
-        lost = _lost_fraction(px, start - lo, end - lo)
-        if task is Task.SMILE and px is not None and lost <= params.max_lost_pixel_fraction:
+        px: np.ndarray | None = None
+        if task is Task.SMILE:
             # The commissure is a fold, not a point of skin: seeded at rest, the tracked lip tissue rolls
-            # into the opening mouth and lags the corner. Seed where FaceMesh puts the corner at the peak
-            # instead (sharp there) and track back to rest; a still (palsied) side's corner still reads
-            # no motion, because the skin under a dragged landmark does not move.
-            anchor = _peak_anchor(task, px, rest_pose, indices, len(left_idx), usable, lo, start, end, width,
-                                  params.peak_fraction)
-            at_peak = _pixel_displacements(lo, hi, anchor, pts, crops, indices, rest_rel, window)
-            if _lost_fraction(at_peak, start - lo, end - lo) <= params.max_lost_pixel_fraction:
-                px, lost = at_peak, _lost_fraction(at_peak, start - lo, end - lo)
-            else:
-                notes.append("smile: the peak-anchored track was lost; tracked from rest")
+            # into the opening mouth and lags the corner. Seed where FaceMesh puts the corner in the
+            # middle of the peak instead (sharp there; the landmarks' timing is sound even where their
+            # amplitude is not) and track back to rest: a still (palsied) side's dragged landmark sits on
+            # skin that does not move, so that side still reads no motion.
+            anchor = _peak_anchor(task, disp_lm[:, indices], rest_pose, indices, len(left_idx), usable, lo,
+                                  start, end, width, params.peak_fraction)
+            px = _pixel_displacements(lo, hi, anchor, pts, crops, indices, rest_rel, window)
+            if _lost_fraction(px, start - lo, end - lo) > params.max_lost_pixel_fraction:
+                notes.append("smile: tracking from the peak lost the corners; tracked from rest instead")
+                px = None
+        if px is None:
+            px = _pixel_displacements(lo, hi, lo, pts, crops, indices, rest_rel, window)
+        lost = _lost_fraction(px, start - lo, end - lo)
         if px is not None and lost <= params.max_lost_pixel_fraction:
             candidates.append(("pixels", px))
         else:
