@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -39,7 +39,7 @@ from service.audit.events import (
     instances_transferred,
     iso_time,
 )
-from service.store.db import AuditRecord, Patient, Study
+from service.store.db import AuditRecord, Instance, Patient, Series, Study
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +342,7 @@ class _Transfer:
     called_ae: str
     counts: Counter[str] = field(default_factory=Counter)
     failed: int = 0
+    instances: list[tuple[str, int]] = field(default_factory=list)  # (SOP Instance UID, version) stored
 
 
 class TransferCollector:
@@ -350,6 +351,11 @@ class TransferCollector:
     The SCP calls :meth:`stored` for every C-STORE it answered (``ok`` False for a refusal) and
     :meth:`closed` on ``EVT_CONN_CLOSE``. ``assoc`` is pynetdicom's Association (duck-typed:
     ``requestor.ae_title``, ``requestor.address``, ``acceptor.ae_title``).
+
+    Once a study's record is written, its objects' rows are flagged ``audited``. An association that a
+    stop or crash cuts short never closes here: :meth:`record_unaudited` (run by the receiver at start)
+    records what it had acknowledged. A crash between a record and its flags records those objects twice:
+    at least once, never lost.
     """
 
     def __init__(self, trail: AuditTrail) -> None:
@@ -357,7 +363,16 @@ class TransferCollector:
         self._lock = threading.Lock()
         self._open: dict[int, dict[str, _Transfer]] = defaultdict(dict)
 
-    def stored(self, assoc: Any, study_uid: str, sop_class_uid: str, ok: bool = True) -> None:
+    def stored(
+        self,
+        assoc: Any,
+        study_uid: str,
+        sop_class_uid: str,
+        ok: bool = True,
+        instance: tuple[str, int] | None = None,
+    ) -> None:
+        """Note one answered C-STORE; ``instance`` = (SOP Instance UID, version) of the row it stored or
+        matched (None when nothing was stored)."""
         req, acc = getattr(assoc, "requestor", None), getattr(assoc, "acceptor", None)
         with self._lock:
             studies = self._open[id(assoc)]
@@ -370,6 +385,8 @@ class TransferCollector:
                 )
             if ok:
                 t.counts[sop_class_uid] += 1
+                if instance is not None:
+                    t.instances.append(instance)
             else:
                 t.failed += 1
 
@@ -393,4 +410,59 @@ class TransferCollector:
             )
             if rec is not None:
                 out.append(rec)
+                self._flag(t.instances)
         return out
+
+    def record_unaudited(self, before: datetime, *, local_ae: str = "FACESYM") -> list[AuditRecord]:
+        """Record objects received before ``before`` that no 110104 covers yet, one event per study and
+        calling AE, and flag them; returns the records written. Run at start, before the SCP listens."""
+        try:
+            with self._trail.sessions() as s:
+                rows = s.execute(
+                    select(Study.study_uid, Instance.calling_ae, Instance.sop_class_uid,
+                           Instance.sop_instance_uid, Instance.version)
+                    .join(Series, Instance.series_pk == Series.id)
+                    .join(Study, Series.study_pk == Study.id)
+                    .where(Instance.audited.is_(False), Instance.received_at < before)
+                    .order_by(Instance.id)
+                ).all()
+        except Exception as exc:  # noqa: BLE001 - the next start tries again
+            log.error("could not look for unaudited objects: %s", type(exc).__name__)
+            return []
+        groups: dict[tuple[str, str], _Transfer] = {}
+        for study_uid, calling_ae, sop_class, sop_uid, version in rows:
+            t = groups.setdefault((study_uid, calling_ae), _Transfer(calling_ae, "", local_ae))
+            t.counts[sop_class] += 1
+            t.instances.append((sop_uid, version))
+        out = []
+        for (study_uid, _), t in groups.items():
+            rec = self._trail.record(
+                instances_transferred(
+                    study_uid, dict(t.counts), t.calling_ae, t.calling_ip, SUCCESS, local_ae=local_ae,
+                    description="recorded at start: acknowledged in an association that ended without "
+                    "closing (FaceSym stopped or crashed)",
+                )
+            )
+            if rec is not None:
+                out.append(rec)
+                self._flag(t.instances)
+        if out:
+            log.warning("recorded %d object(s) of %d stud(ies) received in associations cut short",
+                        len(rows), len(out))
+        return out
+
+    def _flag(self, instances: list[tuple[str, int]]) -> None:
+        try:
+            with self._trail.sessions.begin() as s:
+                for i in range(0, len(instances), _FLAG_CHUNK):
+                    chunk = instances[i : i + _FLAG_CHUNK]
+                    s.execute(
+                        update(Instance)
+                        .where(tuple_(Instance.sop_instance_uid, Instance.version).in_(chunk))
+                        .values(audited=True)
+                    )
+        except Exception as exc:  # noqa: BLE001 - unflagged objects are recorded again at the next start
+            log.error("could not flag %d object(s) as audited: %s", len(instances), type(exc).__name__)
+
+
+_FLAG_CHUNK = 400

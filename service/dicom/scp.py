@@ -334,15 +334,22 @@ def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
         log.exception("unexpected failure storing SOP Instance %s from %s", sop_uid, _peer(event))
         _audit_stored(ctx, event, "", False)
         return _status(status.PROCESSING_FAILURE, "processing failure")
-    _audit_stored(ctx, event, result.study_uid, result.outcome != "rejected")
+    kept = result.outcome != "rejected"
+    row = (result.sop_instance_uid, result.version) if kept else None
+    _audit_stored(ctx, event, result.study_uid, kept, row)
     return _answer(result)
 
 
-def _audit_stored(ctx: StoreContext, event: Event, study_uid: str, ok: bool) -> None:
-    """One 110104 per study and association is written when the association closes (PS3.15 A.5.3.2)."""
+def _audit_stored(
+    ctx: StoreContext, event: Event, study_uid: str, ok: bool, instance: tuple[str, int] | None = None
+) -> None:
+    """One 110104 per study and association is written when the association closes (PS3.15 A.5.3.2);
+    ``instance`` (SOP Instance UID, version) is the row stored or matched, flagged audited then."""
     if ctx.audit is not None:
         req = cast(C_STORE, event.request)
-        ctx.audit.transfers.stored(event.assoc, study_uid, str(req.AffectedSOPClassUID or ""), ok=ok)
+        ctx.audit.transfers.stored(
+            event.assoc, study_uid, str(req.AffectedSOPClassUID or ""), ok=ok, instance=instance
+        )
 
 
 def _audit_closed(event: Event, ctx: StoreContext) -> None:

@@ -16,7 +16,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -33,11 +32,12 @@ from service.jobs.worker import (
     claim_next_job,
     database_dialect,
     deliver_due,
+    mark_receiver_started,
     process_job,
     promote_stable_studies,
     recover_interrupted,
 )
-from service.store.db import open_database
+from service.store.db import open_database, utcnow
 from service.store.files import FileStore
 
 if TYPE_CHECKING:
@@ -70,19 +70,21 @@ class FaceSymService:
         self._slots = threading.BoundedSemaphore(max(1, settings.workers))
         self._scheduler = BackgroundScheduler(timezone=UTC)
         self._scp: ThreadedAssociationServer | None = None
-        self._promote_from = 0.0  # time.monotonic() before which no study is promoted (see start)
 
     def start(self) -> None:
         ae = self.settings.ae_title
         if self.receive:
             # Senders could not reach us while we were down: a study that was still arriving gets a whole
-            # quiet period from now, else a modality's resend after our restart would find it analysed
-            # (and reported) half-received.
-            self._promote_from = time.monotonic() + self.settings.quiet_seconds
+            # quiet period from now (in every process that promotes), else a modality's resend after our
+            # restart would find it analysed (and reported) half-received.
+            mark_receiver_started(self.sessions)
             self._forwarder = forwarder_from_settings(self.audit, self.settings)
         self.audit.record(application_activity("start", local_ae=ae))
         if self.receive:  # one process notes the configuration (workers would note theirs alternately)
             self.audit.note_settings(self.settings.audit_view(), local_ae=ae)  # secrets: salted slow hashes
+            # Objects acknowledged in associations that our stop or crash cut short (no association is open
+            # yet: nothing of this start is caught).
+            self.audit.transfers.record_unaudited(before=utcnow(), local_ae=ae)
         if self.receive and self.analyse and database_dialect(self.sessions) == "sqlite":
             recover_interrupted(self.sessions)  # single machine: a RUNNING job's worker was this process
         if self.receive:
@@ -118,8 +120,7 @@ class FaceSymService:
 
     def _dispatch(self) -> None:
         try:
-            if time.monotonic() >= self._promote_from:
-                promote_stable_studies(self.sessions, self.settings.quiet_seconds)
+            promote_stable_studies(self.sessions, self.settings.quiet_seconds)
         except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable; the next tick retries
             log.exception("promoting quiet studies failed")
         while self._slots.acquire(blocking=False):

@@ -38,7 +38,18 @@ from service.jobs.analysis import InstanceAnalysis, InstanceInput, analyse_study
 from service.jobs.rules import assign_task
 from service.report.comparison import PriorStudy
 from service.report.jsonout import analysis_dict
-from service.store.db import Delivery, DeliveryState, Instance, Job, JobState, Series, Study, utcnow
+from service.store.db import (
+    RECEIVER_STARTED_AT,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    ServiceState,
+    Study,
+    utcnow,
+)
 from service.store.files import FileStore
 
 log = logging.getLogger(__name__)
@@ -130,6 +141,10 @@ def promote_stable_studies(
 ) -> list[int]:
     """RECEIVED jobs whose study has been quiet for ``quiet_seconds`` become QUEUED.
 
+    Not within ``quiet_seconds`` of the receiver's last start (:func:`mark_receiver_started`), whichever
+    process promotes: senders could not reach us while it was down, so a study still arriving then gets a
+    whole quiet period from the restart, or a modality's resend would find it analysed half-received.
+
     Safe with several processes: the due jobs are read again and promoted under a lock (SQLite's writer
     lock; on PostgreSQL ``FOR UPDATE OF job, study SKIP LOCKED``, so a study that an association is writing
     right now waits for the next tick, and the promoting UPDATE only moves jobs still RECEIVED).
@@ -145,6 +160,9 @@ def promote_stable_studies(
     with sessions() as s:  # cheap look first: most ticks find nothing and take no lock
         if s.scalar(due.limit(1)) is None:
             return []
+        started = s.get(ServiceState, RECEIVER_STARTED_AT)
+        if started is not None and _aware(started.at) > cutoff:
+            return []
     with sessions.begin() as s:
         _write_lock(s)  # (SQLite renders no FOR UPDATE: its writer lock does that job)
         ids = list(s.scalars(due.with_for_update(of=[Job.__table__, Study.__table__], skip_locked=True)))
@@ -157,6 +175,18 @@ def promote_stable_studies(
     for job_id in ids:
         log.info("job %d queued (study quiet for %gs)", job_id, quiet_seconds)
     return ids
+
+
+def mark_receiver_started(sessions: sessionmaker[Session], now: datetime | None = None) -> None:
+    """Note that the receiver (the DICOM SCP) starts now; see :func:`promote_stable_studies`."""
+    now = now or utcnow()
+    with sessions.begin() as s:
+        _write_lock(s)
+        row = s.get(ServiceState, RECEIVER_STARTED_AT, with_for_update=True)
+        if row is None:
+            s.add(ServiceState(name=RECEIVER_STARTED_AT, at=now))
+        else:
+            row.at = now
 
 
 def _claimable_job(now: datetime) -> ColumnElement[bool]:

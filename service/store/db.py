@@ -117,6 +117,9 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     #: FaceSym's own output come back (key images, PDF): stored, never analysed.
     facesym_output: Mapped[bool] = mapped_column(default=False)
+    #: A 110104 audit record covers this object: set when its association's record is written; objects of
+    #: an association cut short by a stop or crash are recorded at the next start (service.audit.trail).
+    audited: Mapped[bool] = mapped_column(default=False, index=True)
     series: Mapped[Series] = relationship(back_populates="instances")
     __table_args__ = (UniqueConstraint("sop_instance_uid", "version", name="uq_instance_version"),)
 
@@ -229,6 +232,18 @@ class AuditRecord(Base):
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
     forwarded: Mapped[bool] = mapped_column(default=False, index=True)
+
+
+class ServiceState(Base):
+    """Named timestamps shared by every process on the database (``receiver_started_at``: see
+    :func:`service.jobs.worker.promote_stable_studies`)."""
+
+    __tablename__ = "service_state"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+RECEIVER_STARTED_AT = "receiver_started_at"
 
 
 USER_ROLES = ("viewer", "operator", "admin")

@@ -35,7 +35,7 @@ from service.audit.commands import export_command, parse_since, verify_command
 from service.audit.syslog import PendingRecord, format_message, frame
 from service.audit.trail import GENESIS, chain_hash
 from service.config import Settings
-from service.store.db import Patient, Study, open_database
+from service.store.db import Instance, Patient, Series, Study, open_database
 
 STUDY = "1.2.826.0.1.3680043.8.498.1001"
 VIDEO = "1.2.840.10008.5.1.4.1.1.77.1.4.1"
@@ -372,6 +372,86 @@ def test_transfer_collector_one_event_per_study_per_association(trail: AuditTrai
     assert counts == {VIDEO: "3", PHOTO: "1"}
     assert _roles(first)["110153"].get("UserID") == "MODALITY"
     assert trail.transfers.closed(assoc) == []  # nothing left behind
+
+
+@dataclass
+class _Peer:
+    ae_title: str
+    address: str
+
+
+@dataclass
+class _Assoc:
+    requestor: _Peer
+    acceptor: _Peer
+
+
+def _rows(sessions: sessionmaker[Session], *objects: tuple[str, str, str, datetime, bool]) -> None:
+    """Instance rows: (study UID, SOP Instance UID, calling AE, received_at, audited)."""
+    with sessions.begin() as s:
+        p = Patient(patient_id="PID-7", issuer="", name="Roe^Jane", birth_date="19700101")
+        s.add(p)
+        s.flush()
+        series: dict[str, Series] = {}
+        for study_uid, sop_uid, ae, when, audited in objects:
+            if study_uid not in series:
+                st = Study(study_uid=study_uid, patient_pk=p.id)
+                s.add(st)
+                s.flush()
+                series[study_uid] = Series(series_uid=study_uid + ".1", study_pk=st.id)
+                s.add(series[study_uid])
+                s.flush()
+            s.add(Instance(sop_instance_uid=sop_uid, series_pk=series[study_uid].id, sop_class_uid=VIDEO,
+                           transfer_syntax_uid="1.2.840.10008.1.2.4.102", path="x", sha256="0" * 64, size=1,
+                           calling_ae=ae, received_at=when, audited=audited))
+
+
+def _audited(sessions: sessionmaker[Session]) -> dict[str, bool]:
+    with sessions() as s:
+        return {i.sop_instance_uid: i.audited for i in s.query(Instance)}
+
+
+def test_closing_an_association_flags_the_objects_it_recorded(
+    trail: AuditTrail, sessions: sessionmaker[Session]
+) -> None:
+    now = datetime.now(UTC)
+    _rows(sessions, (STUDY, "1.9.1", "MOD", now, False), (STUDY, "1.9.2", "MOD", now, False),
+          (STUDY, "1.9.3", "MOD", now, False))
+    assoc = _Assoc(_Peer("MOD", "10.0.0.7"), _Peer("FACESYM", "127.0.0.1"))
+    trail.transfers.stored(assoc, STUDY, VIDEO, instance=("1.9.1", 1))
+    trail.transfers.stored(assoc, STUDY, VIDEO, instance=("1.9.2", 1))
+    assert _audited(sessions) == {"1.9.1": False, "1.9.2": False, "1.9.3": False}  # nothing before close
+    assert len(trail.transfers.closed(assoc)) == 1
+    assert _audited(sessions) == {"1.9.1": True, "1.9.2": True, "1.9.3": False}
+
+
+def test_objects_of_associations_cut_short_are_recorded_at_start_once(
+    trail: AuditTrail, sessions: sessionmaker[Session]
+) -> None:
+    start = datetime.now(UTC)
+    before = start - timedelta(minutes=5)
+    other = "1.2.826.0.1.3680043.8.498.1002"
+    _rows(
+        sessions,
+        (STUDY, "1.9.1", "MOD_A", before, False),
+        (STUDY, "1.9.2", "MOD_A", before, False),
+        (STUDY, "1.9.3", "MOD_B", before, False),
+        (other, "1.9.4", "MOD_A", before, True),  # its association closed: recorded already
+        (other, "1.9.5", "MOD_A", start + timedelta(seconds=1), False),  # arrived after this start
+    )
+    recs = trail.transfers.record_unaudited(before=start, local_ae="FACESYM")
+    assert [r.event_id for r in recs] == ["110104", "110104"]  # one per study and calling AE
+    sources = {}
+    for rec in recs:
+        root = _parse(rec.xml)
+        counts = {c.get("UID"): c.get("NumberOfInstances") for c in root.iter("SOPClass")}
+        sources[_roles(root)["110153"].get("UserID")] = counts
+        assert "ended without closing" in rec.xml
+        assert "Roe" not in rec.xml and "1970" not in rec.xml
+    assert sources == {"MOD_A": {VIDEO: "2"}, "MOD_B": {VIDEO: "1"}}
+    assert _audited(sessions) == {"1.9.1": True, "1.9.2": True, "1.9.3": True, "1.9.4": True, "1.9.5": False}
+    assert trail.transfers.record_unaudited(before=start) == []  # flagged: never twice
+    assert trail.verify().ok
 
 
 def test_note_settings_records_only_changes(trail: AuditTrail) -> None:

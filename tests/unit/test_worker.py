@@ -21,6 +21,7 @@ from service.jobs.worker import (
     backoff,
     claim_next_job,
     deliver_due,
+    mark_receiver_started,
     process_job,
     promote_stable_studies,
     recover_interrupted,
@@ -86,6 +87,18 @@ def test_quiet_period_then_queue_then_report(ctx: WorkerContext) -> None:
     job = _job(ctx)
     assert job.state is JobState.REPORTED and job.sr_sop_instance_uid.startswith("2.25.")
     assert (ctx.files.root / job.sr_path).is_file()
+
+
+def test_no_study_is_promoted_within_a_quiet_period_of_the_receivers_start(ctx: WorkerContext) -> None:
+    """Any process promoting (serve or a worker) waits a whole quiet period after the receiver restarts."""
+    _receive(ctx)
+    quiet = 60.0
+    started = utcnow() + timedelta(minutes=5)  # the receiver restarts long after the study went quiet
+    mark_receiver_started(ctx.sessions, started)
+    assert promote_stable_studies(ctx.sessions, quiet, now=started + timedelta(seconds=quiet / 2)) == []
+    mark_receiver_started(ctx.sessions, started)  # a second start updates the one row
+    job_id = _job(ctx).id
+    assert promote_stable_studies(ctx.sessions, quiet, now=started + timedelta(seconds=quiet + 1)) == [job_id]
 
 
 def test_a_failing_analysis_is_retried_with_backoff_then_failed_with_reason(ctx: WorkerContext) -> None:
