@@ -357,6 +357,13 @@ def cmd_db(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     url = settings.effective_database_url
+    if args.db_command == "current" and url.startswith("sqlite:///"):
+        from sqlalchemy.engine import make_url
+
+        path = make_url(url).database
+        if path and path != ":memory:" and not Path(path).exists():  # a look creates nothing
+            print(f"none (no database at {path}; newest is {head_revision()})")
+            return 1
     if url.startswith("sqlite:///"):
         try:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
