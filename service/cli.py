@@ -22,6 +22,7 @@ from service.domain import Analysis, Side, Task
 from service.errors import FaceSymError, NotAnalysableError, UnreadableInputError
 
 if TYPE_CHECKING:
+    from service.engine.pipeline import EngineParams
     from service.jobs.scheduler import FaceSymService
     from service.media.limits import DecodeLimits
 
@@ -164,10 +165,11 @@ def result_table(doc: dict[str, Any]) -> Table:
 
 def analyze_path(
     path: str, path2: str | None, task: Task | None, mirrored: bool, show_progress: bool,
-    limits: DecodeLimits | None = None,
+    limits: DecodeLimits | None = None, params: EngineParams | None = None,
 ) -> dict[str, Any]:
     """Decode, analyse and return the JSON document. Raises UnreadableInputError for undecodable input
-    (LimitExceededError beyond ``limits``, default :class:`~service.media.limits.DecodeLimits`)."""
+    (LimitExceededError beyond ``limits``, default :class:`~service.media.limits.DecodeLimits`); ``params``
+    are the engine's settings (default :class:`~service.engine.pipeline.EngineParams`)."""
     from service.engine.pipeline import analyze_frames, analyze_photos
     from service.media.decode import open_media
     from service.media.prefetch import prefetch
@@ -182,7 +184,7 @@ def analyze_path(
         if path2:
             second = open_media(path2, mirrored=mirrored, limits=limits)
             expression = next(iter(second.frames())).rgb
-        analysis = analyze_photos(rest, expression, task)
+        analysis = analyze_photos(rest, expression, task, params)
         n = 2 if path2 else 1
         return analysis_dict(analysis, info, n, [path2] if path2 else None)
 
@@ -196,7 +198,7 @@ def analyze_path(
             if progress is not None and job is not None:
                 progress.update(job, completed=n)
 
-        return analyze_frames(prefetch(source.frames()), info.fps, task, progress=tick)
+        return analyze_frames(prefetch(source.frames()), info.fps, task, params, progress=tick)
 
     if show_progress:
         with Progress(
@@ -215,10 +217,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from service.config import load_settings
 
     console = _console()
-    limits = load_settings().decode_limits  # FACESYM_MAX_FRAME_PIXELS, _MAX_FRAMES, _MAX_FILE_MB
+    settings = load_settings()  # FACESYM_* environment variables: decode limits and engine settings
     try:
         doc = analyze_path(args.path, args.path2, args.task, args.mirrored, show_progress=sys.stderr.isatty(),
-                           limits=limits)
+                           limits=settings.decode_limits, params=settings.engine_params)
     except UnreadableInputError as exc:
         console.print(f"[bold red]unreadable input:[/] {escape(str(exc))}")
         return EXIT_UNREADABLE

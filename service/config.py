@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from service.errors import InvalidParameterError
 
 if TYPE_CHECKING:
+    from service.engine.pipeline import EngineParams
     from service.media.limits import DecodeLimits
 
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash or control chars
@@ -120,6 +121,22 @@ class Settings:
     max_frames: int = 5400  # 3 min at 30 frames/s: an exam takes under a minute; ~75 kB kept per frame
     max_file_mb: int = 2048  # one received object or input file (a 3-min 4K H.264 clip is ~1.1 GB)
     max_image_pixels: int = 24_000_000  # one still image (photo, single-frame DICOM): 24 MP passes, 8K not
+    # The engine (service/engine/pipeline.py EngineParams; DESIGN.md "Scores"). Activation gate thresholds
+    # per task in the task's unit: a0 the noise floor, a1 a full movement (D for smile and brow raise, the
+    # eye-area fraction for eye closure). Changing them applies to studies analysed afterwards; the
+    # configuration record in the audit trail says when.
+    smile_gate_a0: float = 0.02
+    smile_gate_a1: float = 0.08
+    eye_closure_gate_a0: float = 0.05
+    eye_closure_gate_a1: float = 0.30
+    brow_raise_gate_a0: float = 0.01
+    brow_raise_gate_a1: float = 0.04
+    max_yaw_deg: float = 25.0  # quality control: frames turned further are not measured
+    max_pitch_deg: float = 25.0
+    max_roll_deg: float = 20.0
+    flow_k: float = 6.0  # optical-flow symmetry: magnitudes below k x the crop's mean are noise
+    flow_lambda: float = 3.8  # SS = clip(1 - lambda |VS_L - VS_R|, 0, 1)
+    grader_model_dir: str = ""  # the deep grader's model folder; empty: the model shipped with FaceSym
 
     @property
     def effective_database_url(self) -> str:
@@ -160,6 +177,34 @@ class Settings:
         from service.media.limits import DecodeLimits
 
         return DecodeLimits(self.max_frame_pixels, self.max_frames, self.max_file_mb, self.max_image_pixels)
+
+    @property
+    def engine_params(self) -> EngineParams:
+        """The engine's settings; raises InvalidParameterError (naming the setting) for unusable values."""
+        from service.domain import Task
+        from service.engine.flow import FlowParams
+        from service.engine.pipeline import EngineParams
+        from service.engine.quality import QualityLimits
+        from service.engine.scores import GateThresholds
+
+        gates = {}
+        for task in Task:
+            a0, a1 = getattr(self, f"{task.value}_gate_a0"), getattr(self, f"{task.value}_gate_a1")
+            try:
+                gates[task] = GateThresholds(a0, a1)
+            except InvalidParameterError as exc:
+                raise InvalidParameterError(f"{task.value}_gate_a0/_a1: {exc}") from None
+        for name in ("max_yaw_deg", "max_pitch_deg", "max_roll_deg"):
+            if not 0 < getattr(self, name) <= 90:
+                raise InvalidParameterError(f"{name} must be in (0, 90] degrees, got {getattr(self, name)}")
+        if not (self.flow_k > 0 and self.flow_lambda > 0):
+            raise InvalidParameterError(f"flow_k and flow_lambda must be > 0, got {self.flow_k}, "
+                                        f"{self.flow_lambda}")
+        quality = QualityLimits(max_yaw_deg=self.max_yaw_deg, max_pitch_deg=self.max_pitch_deg,
+                                max_roll_deg=self.max_roll_deg)
+        flow = FlowParams(k=self.flow_k, lam=self.flow_lambda)
+        model = self.grader_model_dir or None
+        return EngineParams(gates=gates, quality=quality, flow=flow, grader_model_dir=model)
 
     @property
     def files_dir(self) -> Path:
@@ -211,6 +256,7 @@ class Settings:
                      "max_file_mb", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _ = self.engine_params  # its checks name the setting
         for task, pattern in self.task_rules:
             try:
                 re.compile(pattern)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from service.domain import Analysis, MediaSource, Quality, Task
-from service.engine.pipeline import analyze_frames, analyze_photos
+from service.engine.pipeline import EngineParams, analyze_frames, analyze_photos
 from service.errors import NotAnalysableError, UnreadableInputError
 from service.media.decode import media_warnings, open_media
 from service.media.limits import DecodeLimits
@@ -49,11 +49,14 @@ def _task(hint: str | None) -> Task | None:
     return Task(hint) if hint in {t.value for t in Task} else None
 
 
-def analyse_study(inputs: list[InstanceInput], limits: DecodeLimits | None = None) -> list[InstanceAnalysis]:
+def analyse_study(
+    inputs: list[InstanceInput], limits: DecodeLimits | None = None, params: EngineParams | None = None
+) -> list[InstanceAnalysis]:
     """Analyse every instance; photos are paired (rest + expression) within the study.
 
     ``limits``: the decode limits (default :class:`~service.media.limits.DecodeLimits`); an instance beyond
-    them is "not analysable" with the reason.
+    them is "not analysable" with the reason. ``params``: the engine's settings (gates, QC limits, flow,
+    grader model; default :class:`~service.engine.pipeline.EngineParams`).
 
     Pairing: photos whose rules say "rest" are rest photos; every other photo is an expression photo and is
     paired with the study's rest photo (the latest by instance order). Without any rest photo, two unlabelled
@@ -80,14 +83,14 @@ def analyse_study(inputs: list[InstanceInput], limits: DecodeLimits | None = Non
 
         try:
             analysis = analyze_frames(
-                prefetch(source.frames()), info.fps, _task(item.task_hint), progress=tick
+                prefetch(source.frames()), info.fps, _task(item.task_hint), params, progress=tick
             )
         except (UnreadableInputError, NotAnalysableError) as exc:
             reasons = exc.reasons if isinstance(exc, NotAnalysableError) else [f"unreadable: {exc}"]
             analysis = Analysis(Quality(False, tuple(reasons), (), 0, counted[0]), ())
         analysis = with_media_warnings(analysis, source)
         out.append(InstanceAnalysis(item, analysis, counted[0], info.fps))
-    out.extend(_analyse_photos(photos, limits))
+    out.extend(_analyse_photos(photos, limits, params))
     order = {i.sop_instance_uid: k for k, i in enumerate(inputs)}
     return sorted(out, key=lambda a: order[a.source.sop_instance_uid])
 
@@ -101,10 +104,13 @@ def with_media_warnings(analysis: Analysis, source: MediaSource) -> Analysis:
 
 
 def with_limits(
-    analyser: Callable[[list[InstanceInput]], list[InstanceAnalysis]], limits: DecodeLimits
+    analyser: Callable[[list[InstanceInput]], list[InstanceAnalysis]],
+    limits: DecodeLimits,
+    params: EngineParams | None = None,
 ) -> Callable[[list[InstanceInput]], list[InstanceAnalysis]]:
-    """:func:`analyse_study` bound to the service's decode limits (another analyser is returned as it is)."""
-    return partial(analyse_study, limits=limits) if analyser is analyse_study else analyser
+    """:func:`analyse_study` bound to the service's decode limits and engine settings (another analyser is
+    returned as it is)."""
+    return partial(analyse_study, limits=limits, params=params) if analyser is analyse_study else analyser
 
 
 def _photo(item: InstanceInput, limits: DecodeLimits | None) -> np.ndarray:
@@ -112,7 +118,7 @@ def _photo(item: InstanceInput, limits: DecodeLimits | None) -> np.ndarray:
 
 
 def _analyse_photos(
-    photos: list[InstanceInput], limits: DecodeLimits | None = None
+    photos: list[InstanceInput], limits: DecodeLimits | None = None, params: EngineParams | None = None
 ) -> list[InstanceAnalysis]:
     """Rest photos alone (static items), expression photos with the study's rest photo; at most two photos are
     decoded at a time."""
@@ -126,7 +132,7 @@ def _analyse_photos(
     for item in rests:
         try:
             rgb = _photo(item, limits)
-            analysis = analyze_photos(rgb, None)
+            analysis = analyze_photos(rgb, None, params=params)
         except (UnreadableInputError, NotAnalysableError) as exc:
             analysis = _failed(_reason(exc))
             rgb = None
@@ -143,7 +149,7 @@ def _analyse_photos(
             out.append(InstanceAnalysis(item, _failed("the study's rest photo is not analysable"), 1, 0.0))
             continue
         try:
-            analysis = analyze_photos(rest_rgb, _photo(item, limits), _task(item.task_hint))
+            analysis = analyze_photos(rest_rgb, _photo(item, limits), _task(item.task_hint), params)
         except (UnreadableInputError, NotAnalysableError) as exc:
             analysis = _failed(_reason(exc))
         out.append(InstanceAnalysis(item, analysis, 2, 0.0))

@@ -62,7 +62,7 @@ class FaceSymService:
         self.audit = AuditTrail(self.sessions, source_id=settings.audit_source_id)
         self.ctx = WorkerContext(
             settings, self.sessions, self.files, ENGINE_VERSION, f"{socket.gethostname()}:{os.getpid()}",
-            with_limits(analyser, settings.decode_limits), self.audit,
+            with_limits(analyser, settings.decode_limits, settings.engine_params), self.audit,
         )
         self._forwarder: SyslogForwarder | None = None
         self._web: Any = None

@@ -41,6 +41,20 @@ def test_healthy_smile_reads_as_symmetric(faces_dir: Path, tmp_path: Path) -> No
         assert smile["activation_gate"] == 1.0
 
 
+def test_gate_settings_from_the_environment_reach_the_analysis(
+    faces_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a full smile set at 2 D (no face moves that far), the same healthy smile is an insufficient
+    activation: said so, never a silent 100."""
+    monkeypatch.setenv("FACESYM_SMILE_GATE_A0", "1.0")
+    monkeypatch.setenv("FACESYM_SMILE_GATE_A1", "2.0")
+    code, doc = _analyze(tmp_path, str(faces_dir / "single_face.mp4"), "--task", "smile")
+    assert code == 0
+    smile = doc["tasks"][0]
+    assert smile["activation_gate"] == 0.0 and smile["insufficient_activation"]
+    assert any("insufficient activation" in n for n in smile["notes"])
+
+
 @pytest.mark.parametrize("side", [Side.LEFT, Side.RIGHT])
 def test_freeze_half_names_the_frozen_side(faces_dir: Path, tmp_path: Path, side: Side) -> None:
     from service.phantom import freeze_half
