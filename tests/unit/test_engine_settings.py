@@ -44,3 +44,12 @@ def test_environment_values_reach_the_engine() -> None:
 def test_unusable_values_are_refused_naming_the_setting(env: dict[str, str], named: str) -> None:
     with pytest.raises(InvalidParameterError, match=named):
         load_settings(env=env).validate()
+
+
+def test_the_example_config_file_loads_and_keeps_the_engine_defaults() -> None:
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "deploy" / "facesym.toml"
+    settings = load_settings(example, env={}).validate()
+    assert settings.engine_params == EngineParams()
+    assert settings.smile_gate_a1 == 0.08 and settings.max_roll_deg == 20
