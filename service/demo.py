@@ -101,7 +101,7 @@ class Receiver:
 def send(paths: list[Path], host: str, port: int, called_ae: str, calling_ae: str = DEMO_AE) -> None:
     from pydicom import dcmread
 
-    from service.dicom.scu import DeliveryError, reactor_resumed
+    from service.dicom.scu import DeliveryError, sends_only
 
     ae = AE(ae_title=calling_ae)
     datasets = [dcmread(p) for p in paths]
@@ -110,9 +110,9 @@ def send(paths: list[Path], host: str, port: int, called_ae: str, calling_ae: st
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
         raise DeliveryError(f"FaceSym at {called_ae}@{host}:{port} did not accept the association")
+    sends_only(assoc)  # see there: else a response can be lost under load
     try:
         for ds in datasets:
-            reactor_resumed(assoc)  # see there: else a response can be lost under load
             status = assoc.send_c_store(ds)
             if getattr(status, "Status", None) != 0x0000:
                 raise DeliveryError(f"C-STORE of {ds.SOPInstanceUID} failed: {status}")

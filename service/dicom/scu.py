@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,9 @@ def send_files(
         if ds.SOPClassUID not in accepted:
             log.warning("%s does not accept %s: %s not sent", destination, ds.SOPClassUID, ds.SOPInstanceUID)
     datasets += [ds for ds in extras if ds.SOPClassUID in accepted]
+    sends_only(assoc)
     try:
         for ds in datasets:
-            reactor_resumed(assoc)
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code is None:
@@ -78,15 +79,30 @@ def send_files(
         assoc.release()
 
 
-def reactor_resumed(assoc: Any, limit: float = 1.0) -> None:
-    """Wait until the association's reactor thread runs again after the previous send_*().
+def sends_only(assoc: Any) -> None:
+    """Fit an established requestor association that only sends requests (C-STORE, C-ECHO) to pynetdicom 3.0.
 
-    pynetdicom 3.0 pauses the reactor for each send_*() and resumes it afterwards; until the resumed thread
-    has cleared its ``_is_paused`` flag, the next send_*() takes the stale flag for a pause and the reactor
-    can take that request's response off the queue ("Received unexpected C-STORE service message"): the
-    C-STORE then waits for the DIMSE timeout, the delivery fails and its retry sends the study's objects
-    again. Seen under CPU load (analysis threads in the same process); found by tests/reliability.
+    - The association's reactor thread polls the DIMSE queue without blocking, for requests from the peer;
+      while ``send_*()`` pauses it, a stale pause flag lets it take the very response ``send_c_store`` is
+      about to wait for ("Received unexpected C-STORE service message"): the send then waits for the DIMSE
+      timeout, the delivery fails and its retry sends the study's objects again. Seen under CPU load
+      (analysis threads in the same process; tests/reliability), cf. pydicom/pynetdicom#435. A peer never
+      sends requests on an association that only sends, so the reactor's non-blocking polls are made to find
+      nothing and every response goes to the blocking wait of the ``send_*()`` that asked for it.
+    - TCP_NODELAY: pynetdicom leaves Nagle on, so each data set PDU waits ~40 ms for the ACK of the command
+      PDU that the peer delays.
+
+    Relies on pynetdicom's ``Association.dimse.get_msg(block)`` and ``dul.socket.socket`` (pinned 3.0.4):
+    re-check on an upgrade (tests/unit/test_scu.py fails if they change).
     """
-    deadline = time.monotonic() + limit
-    while getattr(assoc, "_is_paused", False) and assoc.is_established and time.monotonic() < deadline:
-        time.sleep(0.0005)
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):  # not a TCP socket (or closed already): only a little slower
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    dimse = assoc.dimse
+    blocking_get = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        return blocking_get(block=True) if block else (None, None)
+
+    dimse.get_msg = get_msg
