@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from sqlalchemy import ColumnElement, and_, or_, select, text, update
 from sqlalchemy.engine import CursorResult
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit import (
@@ -180,13 +181,19 @@ def promote_stable_studies(
 def mark_receiver_started(sessions: sessionmaker[Session], now: datetime | None = None) -> None:
     """Note that the receiver (the DICOM SCP) starts now; see :func:`promote_stable_studies`."""
     now = now or utcnow()
-    with sessions.begin() as s:
-        _write_lock(s)
-        row = s.get(ServiceState, RECEIVER_STARTED_AT, with_for_update=True)
-        if row is None:
-            s.add(ServiceState(name=RECEIVER_STARTED_AT, at=now))
-        else:
-            row.at = now
+    for attempt in (1, 2):  # two receivers starting at once on PostgreSQL: the second insert loses, updates
+        try:
+            with sessions.begin() as s:
+                _write_lock(s)
+                row = s.get(ServiceState, RECEIVER_STARTED_AT, with_for_update=True)
+                if row is None:
+                    s.add(ServiceState(name=RECEIVER_STARTED_AT, at=now))
+                else:
+                    row.at = now
+            return
+        except IntegrityError:
+            if attempt == 2:
+                raise
 
 
 def _claimable_job(now: datetime) -> ColumnElement[bool]:
