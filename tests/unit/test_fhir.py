@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import report_fixtures as shared
 from fhir.resources.R4B.bundle import Bundle
 from pydicom.uid import generate_uid
 
-from service.domain import Analysis, Quality, RegionSymmetry, Side, StaticItem, Task, TaskResult
+from service.domain import Analysis, Quality, RegionSymmetry, Side, StaticItem, Task
 from service.errors import InvalidParameterError
 from service.fhir_client import write_bundle
 from service.media.dicom_io import build_video_photographic, build_vl_photograph, write_dicom
@@ -41,61 +42,22 @@ PATIENT_ID = "PHANTOM-0042"
 BIRTH_DATE = "19700314"
 ISSUER_OID = "1.2.826.0.1.3680043.10.1234"
 ACCESSION = "ACC20240501"
-ENGINE = "0.1.0"
+ENGINE = shared.ENGINE
 ISSUED = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
-N_FRAMES = 90
+N_FRAMES = shared.N_FRAMES
 
 SNOMED = "http://snomed.info/sct"
 UCUM = "http://unitsofmeasure.org"
 LATERALITY = {"left": ("7771000", "Left"), "right": ("24028007", "Right")}
 
-SMILE = TaskResult(
-    task=Task.SMILE,
-    frames=(0, 89),
-    rest_frames=(0, 12),
-    peak_frames=(40, 52),
-    left=0.2512345678,
-    right=0.0612345678,
-    asymmetry_index=0.7562626,
-    activation_gate=1.0,
-    asymmetry_score=24.37374,
-    cosine_index=0.312345,
-    cosine_score=31.2345,
-    weaker_side=Side.RIGHT,
-    method="pixels",
-    notes=("peak clipped at clip end",),
+SMILE = replace(
+    shared.SMILE,
     flow=(RegionSymmetry("forehead", 0.03, 0.02, 0.96), RegionSymmetry("cheek", 0.25, 0.06, 0.28)),
 )
-EYES = TaskResult(
-    task=Task.EYE_CLOSURE,
-    frames=(0, 89),
-    rest_frames=(0, 12),
-    peak_frames=(60, 64),
-    left=0.41,
-    right=0.93,
-    asymmetry_index=0.5591398,
-    activation_gate=0.3666667,
-    asymmetry_score=79.49821,
-    cosine_index=0.25,
-    cosine_score=72.5,
-    weaker_side=Side.LEFT,
-    method="landmarks",
-)
-BROW = TaskResult(
-    task=Task.BROW_RAISE,
-    frames=(0, 89),
-    rest_frames=(0, 12),
-    peak_frames=(70, 75),
-    left=0.0211,
-    right=0.0209,
-    asymmetry_index=0.00947867,
-    activation_gate=0.3666667,
-    asymmetry_score=99.652449,
-    cosine_index=0.93,
-    cosine_score=97.433333,
-    weaker_side=None,
-    method="landmarks",
-)
+#: Weak on the LEFT here, with a partial gate (the Observation must say so).
+EYES = replace(shared.EYES, right=0.93, asymmetry_index=0.5591398, activation_gate=0.3666667,
+               asymmetry_score=79.49821, cosine_score=72.5, weaker_side=Side.LEFT)
+BROW = shared.BROW
 
 
 @pytest.fixture(scope="module")

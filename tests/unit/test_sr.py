@@ -4,39 +4,27 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+import report_fixtures as shared
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from service.domain import Analysis, GradeResult, Quality, RegionSymmetry, Side, StaticItem, Task, TaskResult
+from service.domain import Analysis, GradeResult, Quality, RegionSymmetry, StaticItem, TaskResult
 from service.errors import InvalidParameterError
 from service.media.dicom_io import build_video_photographic, build_vl_photograph
 from service.report import codes
 from service.report.sr import InstanceFinding, build_report, read_report, report_uids
 
 PATIENT = "DOE^JANE"
-N_FRAMES = 90
-ENGINE = "0.1.0"
+N_FRAMES, ENGINE = shared.N_FRAMES, shared.ENGINE
 
-SMILE = TaskResult(
-    task=Task.SMILE,
-    frames=(0, 89),
-    rest_frames=(0, 12),
-    peak_frames=(40, 52),
-    left=0.2512345678,
-    right=0.0612345678,
-    asymmetry_index=0.7562626,
-    activation_gate=1.0,
-    asymmetry_score=24.37374,
-    cosine_index=0.312345,
-    cosine_score=31.2345,
-    weaker_side=Side.RIGHT,
-    method="pixels",
-    notes=("peak clipped at clip end",),
+SMILE = replace(
+    shared.SMILE,
     grade=GradeResult("IV", {"I": 0.05, "II": 0.05, "III": 0.1, "IV": 0.6, "V": 0.1, "VI": 0.1}, "0.1.0",
                       "synthetic", [1 / 96] * 96),
     flow=(
@@ -45,36 +33,9 @@ SMILE = TaskResult(
         RegionSymmetry("cheek", 0.2549, 0.0649, 0.278),
     ),
 )
-BROW = TaskResult(
-    task=Task.BROW_RAISE,
-    frames=(0, 89),
-    rest_frames=(0, 12),
-    peak_frames=(70, 75),
-    left=0.0211,
-    right=0.0209,
-    asymmetry_index=0.00947867,
-    activation_gate=0.3666667,
-    asymmetry_score=99.652449,
-    cosine_index=0.93,
-    cosine_score=97.433333,
-    weaker_side=None,
-    method="landmarks",
-)
-EYES = TaskResult(
-    task=Task.EYE_CLOSURE,
-    frames=(0, 1),
-    rest_frames=(0, 0),
-    peak_frames=(1, 1),
-    left=0.41,
-    right=0.12,
-    asymmetry_index=0.707317,
-    activation_gate=1.0,
-    asymmetry_score=29.2683,
-    cosine_index=0.25,
-    cosine_score=25.0,
-    weaker_side=Side.RIGHT,
-    method="landmarks",
-)
+BROW = shared.BROW
+#: A photo pair (rest frame 0, expression frame 1).
+EYES = replace(shared.EYES, frames=(0, 1), rest_frames=(0, 0), peak_frames=(1, 1))
 
 
 def _header(ds: Dataset) -> Dataset:
