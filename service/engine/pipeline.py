@@ -285,24 +285,13 @@ def _lost_fraction(px: np.ndarray | None, first: int, last: int) -> float:
 
 
 def _peak_anchor(
-    task: Task,
-    disp: np.ndarray,
-    rest_pose: np.ndarray,
-    indices: list[int],
-    n: int,
-    usable: np.ndarray,
-    lo: int,
-    start: int,
-    end: int,
-    width: int,
-    peak_fraction: float,
+    bilateral: np.ndarray, usable: np.ndarray, lo: int, start: int, end: int, peak_fraction: float
 ) -> int:
-    """The usable frame nearest the middle of the peak interval of ``disp`` (absolute frame index)."""
-    sig, _, _ = _task_signal(task, disp, rest_pose, indices, n)
-    bil = tk.smooth(np.nanmean(sig, axis=1), width)
-    p0, p1 = tk.peak_interval(bil, start - lo, end - lo, peak_fraction)
+    """The usable frame nearest the middle of the peak interval of ``bilateral`` (frames ``lo``.., smoothed
+    mean of both sides' signals), searched in frames ``start``..``end``; an absolute frame index."""
+    p0, p1 = tk.peak_interval(bilateral, start - lo, end - lo, peak_fraction)
     middle = lo + (p0 + p1) // 2
-    ok = np.flatnonzero(usable[lo : lo + len(disp)]) + lo
+    ok = np.flatnonzero(usable[lo : lo + len(bilateral)]) + lo
     return int(ok[np.argmin(np.abs(ok - middle))]) if len(ok) else lo
 
 
@@ -378,8 +367,8 @@ def _measure(
             # middle of the peak instead (sharp there; the landmarks' timing is sound even where their
             # amplitude is not) and track back to rest: a still (palsied) side's dragged landmark sits on
             # skin that does not move, so that side still reads no motion.
-            anchor = _peak_anchor(task, disp_lm[:, indices], rest_pose, indices, len(left_idx), usable, lo,
-                                  start, end, width, params.peak_fraction)
+            bilateral = tk.smooth(np.nanmean(lm_sig[lo : hi + 1], axis=1), width)
+            anchor = _peak_anchor(bilateral, usable, lo, start, end, params.peak_fraction)
             px = _pixel_displacements(lo, hi, anchor, pts, crops, indices, rest_rel, window)
             if _lost_fraction(px, start - lo, end - lo) > params.max_lost_pixel_fraction:
                 notes.append("smile: tracking from the peak lost the corners; tracked from rest instead")
