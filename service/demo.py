@@ -6,6 +6,7 @@ object, are sent by C-STORE; a small storage SCP stands in for the PACS and rece
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 import time
@@ -124,7 +125,14 @@ def facesym_answers(host: str, port: int, ae_title: str) -> bool:
     ae = AE(ae_title=DEMO_AE)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = 3
-    assoc = ae.associate(host, port, ae_title=ae_title)
+    # Nobody listening is an expected answer here, not the ERROR pynetdicom logs for it.
+    quiet = logging.getLogger("pynetdicom")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        assoc = ae.associate(host, port, ae_title=ae_title)
+    finally:
+        quiet.setLevel(level)
     if not assoc.is_established:
         return False
     assoc.release()

@@ -46,6 +46,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class _ExpectedSkips(logging.Filter):
+    """Drop APScheduler's WARNING that a tick was skipped because the previous one still runs: with
+    ``max_instances=1`` and ``coalesce`` that is the design (a delivery or an analysis hand-off that takes
+    longer than ``poll_seconds``), and it would otherwise fill the service log every half second."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "skipped: maximum number of running instances" not in str(record.msg)
+
+
+logging.getLogger("apscheduler.scheduler").addFilter(_ExpectedSkips())
+
+
 class FaceSymService:
     """``facesym serve``: receive, analyse, report and deliver until stopped; with ``settings.workers == 0``
     it only receives. ``receive=False`` is ``facesym worker``: analyse and deliver only."""
