@@ -476,6 +476,7 @@ def _report_objects(
             [(r.source.sop_instance_uid, r.analysis, r.fps) for r in results],
             engine_version=ctx.engine_version,
             out_dir=ctx.files.abspath(f"reports/{study_uid}"),
+            gates=ctx.settings.engine_params.gates,  # the thresholds this analysis was scored with
             model_versions=sorted(
                 {t.grade.model_version for r in results for t in r.analysis.tasks if t.grade is not None}
             ),

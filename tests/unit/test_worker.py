@@ -101,6 +101,30 @@ def test_no_study_is_promoted_within_a_quiet_period_of_the_receivers_start(ctx: 
     assert promote_stable_studies(ctx.sessions, quiet, now=started + timedelta(seconds=quiet + 1)) == [job_id]
 
 
+def test_report_figures_get_the_gate_thresholds_of_the_settings(
+    ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The motion plots draw the thresholds the study was scored with: the settings', not the defaults."""
+    import service.report.study_images as study_images
+    from service.domain import Task
+
+    seen: dict[str, object] = {}
+
+    def recording_builder(*args: object, **kwargs: object) -> list[Path]:
+        seen.update(kwargs)
+        return []
+
+    monkeypatch.setattr(study_images, "build_report_objects", recording_builder)
+    ctx.settings = replace(ctx.settings, smile_gate_a0=0.03, smile_gate_a1=0.2)
+    _receive(ctx)
+    promote_stable_studies(ctx.sessions, 0)
+    job_id = claim_next_job(ctx.sessions, "w1")
+    assert job_id is not None and process_job(ctx, job_id) is JobState.REPORTED
+    gates = seen["gates"]
+    assert isinstance(gates, dict)
+    assert (gates[Task.SMILE].a0, gates[Task.SMILE].a1) == (0.03, 0.2)
+
+
 def test_a_failing_analysis_is_retried_with_backoff_then_failed_with_reason(ctx: WorkerContext) -> None:
     ctx.analyser = FakeAnalyser(fail_times=99)
     _receive(ctx)
