@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--freeze-half", choices=["left", "right"],
                     help="instead: hold this half of a real clip's face still (needs --clip)")
     ph.add_argument("--clip", help="real clip for --freeze-half")
+    ph.add_argument("--amplitude", type=float, default=0.0,
+                    help="with --freeze-half: fraction of that half's motion kept (0 <= A < 1; 0: frozen)")
 
     sv = sub.add_parser("serve", help="run the DICOM service: storage SCP, scheduler and workers")
     sv.add_argument("--config", help="TOML settings file (FACESYM_* environment variables override it)")
@@ -302,7 +304,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     if args.freeze_half:
         if not args.clip:
             raise NotAnalysableError(["--freeze-half needs --clip PATH (a real clip)"])
-        truth = phantom.freeze_half(args.clip, Side(args.freeze_half), out, fmt=fmt)
+        truth = phantom.freeze_half(args.clip, Side(args.freeze_half), out, fmt=fmt,
+                                    amplitude=args.amplitude)
     else:
         motions = tuple(
             phantom.TaskMotion(task, *getattr(args, task.value))

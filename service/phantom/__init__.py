@@ -6,7 +6,7 @@ clip with one half of the face held at its first frame, the seed paper's method)
 JSON beside the clip. Sides are always the PATIENT's.
 """
 
-from service.phantom.freeze import freeze_frames, freeze_half, freeze_mask
+from service.phantom.freeze import freeze_frames, freeze_half, freeze_mask, scale_frames
 from service.phantom.motion import (
     MAX_EYE_CLOSURE,
     brow_raise_field,
@@ -50,6 +50,7 @@ __all__ = [
     "midline",
     "render",
     "render_photo_pair",
+    "scale_frames",
     "smile_field",
     "task_field",
     "tps_warp",

@@ -3,6 +3,12 @@
 Every frame's ``side`` half of the face is replaced by the first frame's pixels, so that half cannot
 move and the analysis must report it as the weaker side. Sides are the PATIENT's: freezing the left
 half replaces pixels on the image's right of the facial midline (DESIGN.md, "Sides and coordinates").
+
+With an ``amplitude`` between 0 and 1 the half is not frozen but keeps that fraction of its motion (a
+partial palsy on real video): each frame's half is resampled part of the way back toward the first frame
+along the dense optical flow first frame → this frame. That is first order and only as good as the flow:
+where the mouth opens and teeth appear the flow is unreliable, so the imposed amplitude is approximate
+(on ``single_face.mp4`` a half at 0.5 reads ~0.35 of its unscaled motion, at 0.2 ~0.1–0.2).
 """
 
 from __future__ import annotations
@@ -81,6 +87,26 @@ def freeze_frames(
         yield out
 
 
+def scale_frames(
+    frames: Iterator[np.ndarray], reference: np.ndarray, mask: np.ndarray, amplitude: float
+) -> Iterator[np.ndarray]:
+    """Keep ``amplitude`` (0..1) of the motion since ``reference`` where ``mask`` (H, W) is 1, blending to the
+    unchanged frame where it is 0: out(y) = frame(y + (1 − amplitude) · F(y)), F the DIS optical flow from
+    ``reference`` to the frame (so reference(y) ≈ frame(y + F(y)))."""
+    dis = cv2.DISOpticalFlow.create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    ref_gray = cv2.cvtColor(reference, cv2.COLOR_RGB2GRAY)
+    h, w = ref_gray.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    m = mask[..., None]
+    back = np.float32(1.0 - amplitude)
+    for f in frames:
+        # The cv2 stubs reject flow=None, which OpenCV accepts (it allocates the output).
+        flow = np.asarray(dis.calc(ref_gray, cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), None))  # type: ignore[call-overload]
+        moved = cv2.remap(f, xx + back * flow[..., 0], yy + back * flow[..., 1], cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+        yield np.rint(moved.astype(np.float32) * m + f.astype(np.float32) * (1.0 - m)).astype(np.uint8)
+
+
 def _decode(path: Path) -> tuple[Generator[np.ndarray, None, None], float, int, int]:
     import av
 
@@ -111,8 +137,10 @@ def freeze_half(
     fmt: str = "mp4",
     dilate: float = 1.15,
     feather_px: float = 4.0,
+    amplitude: float = 0.0,
 ) -> dict[str, Any]:
-    """Write a copy of a real clip whose ``side`` half of the face is frozen at the first frame.
+    """Write a copy of a real clip whose ``side`` half of the face is frozen at the first frame (or, with
+    ``amplitude`` > 0, keeps only that fraction of its motion; see the module docstring).
 
     Parameters
     ----------
@@ -124,16 +152,20 @@ def freeze_half(
         Output clip; the truth JSON goes to ``out_path.with_suffix(".json")``.
     fmt
         "mp4" (H.264) or "dicom" (Video Photographic Image wrapping the MP4).
+    amplitude
+        Fraction of the half's motion kept, in [0, 1): 0 freezes it (exact first-frame pixels).
 
     Returns
     -------
     dict
-        ``{"kind": "freeze_half", "frozen_side", "expected_weaker_side", "source", "fps", "n_frames",
-        "width", "height", "format", "file"}``.
+        ``{"kind": "freeze_half", "frozen_side", "amplitude", "expected_weaker_side", "source", "fps",
+        "n_frames", "width", "height", "format", "file"}``.
     """
     side = mfields._check_side(side)
     if fmt not in ("mp4", "dicom"):
         raise InvalidParameterError(f"fmt must be 'mp4' or 'dicom', got {fmt!r}")
+    if not 0.0 <= amplitude < 1.0:
+        raise InvalidParameterError(f"amplitude must be in [0, 1) (0: frozen), got {amplitude}")
     clip_path, out_path = Path(clip_path), Path(out_path)
     frames, fps, w, h = _decode(clip_path)
     try:
@@ -154,7 +186,9 @@ def freeze_half(
         yield from frames
 
     def counted() -> Iterator[np.ndarray]:
-        for f in freeze_frames(all_frames(), first, mask):
+        blended = (freeze_frames(all_frames(), first, mask) if amplitude == 0.0
+                   else scale_frames(all_frames(), first, mask, amplitude))
+        for f in blended:
             count[0] += 1
             yield f
 
@@ -174,12 +208,14 @@ def freeze_half(
             height=h,
             n_frames=count[0],
             fps=fps,
-            series_description=f"FaceSym phantom: {side.value} half frozen",
+            series_description=f"FaceSym phantom: {side.value} half frozen" if amplitude == 0.0
+            else f"FaceSym phantom: {side.value} half at {amplitude:g} of its motion",
         )
         write_dicom(ds, out_path)
     truth = {
         "kind": "freeze_half",
         "frozen_side": side.value,
+        "amplitude": amplitude,
         "expected_weaker_side": side.value,
         "source": str(clip_path),
         "fps": fps,

@@ -69,6 +69,26 @@ def test_freeze_half_names_the_frozen_side(faces_dir: Path, tmp_path: Path, side
     assert smile["asymmetry_index"] >= 0.6
 
 
+def test_a_half_keeping_part_of_its_motion_reads_weaker_in_order(faces_dir: Path, tmp_path: Path) -> None:
+    """A partial palsy on real video: one half keeps 0.5 or 0.2 of its motion (flow-scaled, approximate).
+    That half is named weaker, and reads less than unscaled, and less at 0.2 than at 0.5."""
+    from service.phantom import freeze_half
+
+    _, doc = _analyze(tmp_path, str(faces_dir / "single_face.mp4"), "--task", Task.SMILE.value)
+    unscaled = {s: doc["tasks"][0][s]["magnitude"] for s in ("left", "right")}
+    for side in (Side.LEFT, Side.RIGHT):
+        read = {}
+        for amplitude in (0.5, 0.2):
+            clip = tmp_path / f"{side.value}_{amplitude}.mp4"
+            truth = freeze_half(faces_dir / "single_face.mp4", side, clip, amplitude=amplitude)
+            assert truth["amplitude"] == amplitude and truth["expected_weaker_side"] == side.value
+            _, doc = _analyze(tmp_path, str(clip), "--task", Task.SMILE.value)
+            smile = doc["tasks"][0]
+            assert smile["weaker_side"] == side.value, (side, amplitude, smile)
+            read[amplitude] = smile[side.value]["magnitude"]
+        assert read[0.2] < read[0.5] < 0.7 * unscaled[side.value], (side, read, unscaled)
+
+
 def test_no_face_is_not_analysable(
     faces_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

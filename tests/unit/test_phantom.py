@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from service.domain import Side, Task
-from service.errors import NotAnalysableError, UnreadableInputError
+from service.errors import InvalidParameterError, NotAnalysableError, UnreadableInputError
 from service.phantom import (
     MAX_EYE_CLOSURE,
     PhantomSpec,
@@ -31,6 +31,7 @@ from service.phantom import (
     load_face,
     render,
     render_photo_pair,
+    scale_frames,
     smile_field,
     task_field,
     tps_warp,
@@ -327,3 +328,26 @@ def test_freeze_half(tmp_path: Path) -> None:
     live = max(mad(g, got[0], other) for g in got)
     assert live > 5 * max(mad(g, got[0], frozen) for g in got)
     assert mad(got[-1], got[0], other) > 2 * mad(got[-1], got[0], frozen)
+
+
+def test_scale_frames_keeps_the_asked_fraction_of_a_known_shift() -> None:
+    """A textured frame shifted by 6 px: where the mask is 1, amplitude 0.5 leaves a 3-px shift."""
+    rng = np.random.default_rng(3)
+    base = cv2.GaussianBlur(rng.uniform(0, 255, (120, 160)).astype(np.float32), (0, 0), 2.0)
+    ref = np.repeat(cv2.normalize(base, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)[..., None], 3, axis=2)
+    shifted = np.roll(ref, 6, axis=1)
+    mask = np.zeros((120, 160), np.float32)
+    mask[:, :80] = 1.0
+    (out,) = scale_frames(iter([shifted]), ref, mask, 0.5)
+    half = np.roll(ref, 3, axis=1)
+    inner = (slice(20, 100), slice(20, 60))
+    assert np.abs(out[inner].astype(int) - half[inner].astype(int)).mean() < 4
+    assert np.abs(out[inner].astype(int) - shifted[inner].astype(int)).mean() > 10
+    assert np.array_equal(out[:, 100:], shifted[:, 100:])  # mask 0: the frame as it was
+
+
+@pytest.mark.parametrize("amplitude", [-0.1, 1.0, 1.5])
+def test_freeze_half_refuses_an_amplitude_outside_0_1(tmp_path: Path, amplitude: float) -> None:
+    with pytest.raises(InvalidParameterError, match="amplitude"):
+        freeze_half(FACE_MP4, "left", tmp_path / "x.mp4", amplitude=amplitude)
+
