@@ -120,27 +120,12 @@ class Server:
 
 
 def tune_scu(assoc: Any) -> None:
-    """Two client-side fixes for pynetdicom 3.0 as a storage SCU, applied to both servers alike.
+    """The delivery SCU's fixes for pynetdicom 3.0 (TCP_NODELAY, and a reactor that cannot take a C-STORE
+    response off the queue before ``send_c_store`` waits for it: see :func:`service.dicom.scu.sends_only`),
+    applied to both servers' client alike."""
+    from service.dicom.scu import sends_only
 
-    - TCP_NODELAY on the socket (pynetdicom leaves Nagle on): else the data set PDU waits for the ACK of
-      the command PDU, which the peer delays by ~40 ms.
-    - The requestor's association reactor polls the DIMSE queue without blocking and can take a C-STORE
-      response off it before ``send_c_store`` waits for it (a race in its pause checkpoint, cf.
-      pydicom/pynetdicom#435): the send then hangs for the DIMSE timeout or until the peer gives up
-      (storescp aborts after its 60 s socket timeout). A storage SCU never receives requests, so the
-      reactor's non-blocking polls are made to find nothing; ``send_c_store``'s blocking wait gets every
-      response.
-    """
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    dimse = assoc.dimse
-    blocking_get = dimse.get_msg
-
-    def get_msg(block: bool = False) -> Any:
-        return blocking_get(block=True) if block else (None, None)
-
-    dimse.get_msg = get_msg
+    sends_only(assoc)
 
 
 def _echo(port: int, ae_title: str) -> bool:
