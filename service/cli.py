@@ -416,7 +416,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     render_pdf_for_study(
         [Path(d["input"]["path"]) for d in docs], analyses,
         engine_version=job.engine_version or ENGINE_VERSION, pdf_path=Path(args.pdf),
-        gates=settings.engine_params.gates,  # today's settings: the plots' threshold lines
+        gates=settings.engine_params.gates,  # for results that do not record their thresholds
         model_versions=sorted({g["model_version"] for d in docs if (g := d.get("grade"))}),
     )
     _console().print(f"wrote {args.pdf}")

@@ -160,6 +160,8 @@ class TaskResult:
     series: tuple[tuple[float, float], ...] = ()
     #: The deep grader's grade of this task's segment (None when no grader ran).
     grade: GradeResult | None = None
+    #: (a0, a1) the activation gate was computed with, in the task's unit (None: not recorded).
+    gate_thresholds: tuple[float, float] | None = None
 
     @property
     def unit(self) -> str:

@@ -418,6 +418,7 @@ def _measure(
         cosine_index=s.cosine_index,
         cosine_score=s.cosine_score,
         weaker_side=s.weaker_side,
+        gate_thresholds=(params.gates[task].a0, params.gates[task].a1),
         method=method,
         notes=tuple(notes),
         series=tuple((float(a), float(b)) for a, b in sig[: end - lo + 1]),

@@ -31,6 +31,7 @@ def task_dict(t: TaskResult) -> dict[str, Any]:
         "right": {"magnitude": _r(t.right)},
         "asymmetry_index": _r(t.asymmetry_index),
         "activation_gate": _r(t.activation_gate),
+        **({"gate_thresholds": [_r(v) for v in t.gate_thresholds]} if t.gate_thresholds else {}),
         "asymmetry_score": round(t.asymmetry_score, 2),
         "cosine_index": _r(t.cosine_index),
         "cosine_score": round(t.cosine_score, 2),

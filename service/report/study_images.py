@@ -141,7 +141,9 @@ def _video_figures(
             log.warning("%s %s: no face found in frame %d or %d; no key image",
                         item.label, task.task.value, rest_k, peak_k)
         if task.series:
-            figs.append(fg.motion_plot(task, item.fps, gates[task.task], item.attention.get(task.task)))
+            # The thresholds the result was scored with, when it says so (older results: the settings').
+            thresholds = task.gate_thresholds or gates[task.task]
+            figs.append(fg.motion_plot(task, item.fps, thresholds, item.attention.get(task.task)))
         out[task.task] = figs
     return out
 
@@ -380,6 +382,8 @@ def analysis_from_dict(doc: Mapping[str, Any]) -> Analysis:
             flow=tuple(RegionSymmetry(name, float(r["left"]), float(r["right"]), float(r["symmetry_score"]))
                        for name, r in regions.items()),
             series=tuple((float(a), float(b)) for a, b in t.get("series", ())),
+            gate_thresholds=(float(t["gate_thresholds"][0]), float(t["gate_thresholds"][1]))
+            if t.get("gate_thresholds") else None,
         ))
     static = tuple(StaticItem(name, float(v["left"]), float(v["right"]))
                    for name, v in (doc.get("static") or {}).items())

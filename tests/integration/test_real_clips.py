@@ -38,7 +38,7 @@ def test_healthy_smile_reads_as_symmetric(faces_dir: Path, tmp_path: Path) -> No
         _, doc = _analyze(tmp_path, str(faces_dir / "single_face.mp4"), *args)
         (smile,) = [t for t in doc["tasks"] if t["task"] == "smile"]
         assert smile["asymmetry_index"] < 0.3, (args, smile)
-        assert smile["activation_gate"] == 1.0
+        assert smile["activation_gate"] == 1.0 and smile["gate_thresholds"] == [0.02, 0.08]
 
 
 def test_gate_settings_from_the_environment_reach_the_analysis(
@@ -52,6 +52,7 @@ def test_gate_settings_from_the_environment_reach_the_analysis(
     assert code == 0
     smile = doc["tasks"][0]
     assert smile["activation_gate"] == 0.0 and smile["insufficient_activation"]
+    assert smile["gate_thresholds"] == [1.0, 2.0]  # the result says what it was scored with
     assert any("insufficient activation" in n for n in smile["notes"])
 
 

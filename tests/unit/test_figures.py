@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +225,10 @@ def test_analysis_round_trips_through_the_stored_json() -> None:
     # The stored JSON keeps the per-frame signal (5 decimals), so the offline PDF has its motion plot.
     assert np.allclose(np.asarray(b.series), np.asarray(t.series), atol=1e-5, equal_nan=True)
     assert back.quality.warnings == analysis.quality.warnings
+    # The gate's thresholds travel with the result (older stored results have none: None).
+    with_gates = replace(analysis, tasks=(replace(t, gate_thresholds=(0.03, 0.2)),))
+    doc = analysis_dict(with_gates, MediaInfo("x", "video", 1, 1, 30.0, 40, "dicom"), 40)
+    assert doc["tasks"][0]["gate_thresholds"] == [0.03, 0.2]
+    assert analysis_from_dict(doc).tasks[0].gate_thresholds == (0.03, 0.2)
+    assert b.gate_thresholds is None and "gate_thresholds" not in analysis_dict(
+        analysis, MediaInfo("x", "video", 1, 1, 30.0, 40, "dicom"), 40)["tasks"][0]
