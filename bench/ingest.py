@@ -14,7 +14,8 @@ to start it outside a private network namespace unless ``--allow-public-listen``
 
     unshare -n sh -c 'ip link set lo up && .venv/bin/python bench/ingest.py'
 
-The client works around two pynetdicom 3.0 SCU issues for both servers alike (see :func:`tune_scu`).
+The client works around two pynetdicom 3.0 SCU issues for both servers alike (FaceSym's delivery fixes,
+:func:`service.dicom.scu.sends_only`).
 ``BENCH_FACESYM_CMD`` replaces the server's command line (e.g. a wrapper that profiles it).
 Prints a table; asserts nothing (timings belong in benchmarks, not tests).
 """
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from pydicom.uid import MPEG4HP41, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 
+from service.dicom.scu import sends_only  # noqa: E402
 from service.media.dicom_io import (  # noqa: E402
     VIDEO_PHOTOGRAPHIC,
     VL_PHOTOGRAPHIC,
@@ -117,15 +119,6 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-def tune_scu(assoc: Any) -> None:
-    """The delivery SCU's fixes for pynetdicom 3.0 (TCP_NODELAY, and a reactor that cannot take a C-STORE
-    response off the queue before ``send_c_store`` waits for it: see :func:`service.dicom.scu.sends_only`),
-    applied to both servers' client alike."""
-    from service.dicom.scu import sends_only
-
-    sends_only(assoc)
 
 
 def _echo(port: int, ae_title: str) -> bool:
@@ -207,7 +200,7 @@ def _association_worker(
     latencies: list[float] = []
     statuses: list[int] = []
     if assoc.is_established:
-        tune_scu(assoc)
+        sends_only(assoc)
     try:
         barrier.wait(120)
         out["start"] = time.perf_counter()
@@ -285,7 +278,7 @@ def run_video(server: Server, path: Path) -> dict[str, float]:
     assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title)
     if not assoc.is_established:
         raise SystemExit(f"{server.name}: association for the video refused")
-    tune_scu(assoc)
+    sends_only(assoc)
     try:
         t = time.perf_counter()
         rsp = assoc.send_c_store(str(path))
