@@ -133,6 +133,59 @@ class GradeResult:
 
 
 @dataclass(frozen=True)
+class HeadMotion:
+    """The head's rigid motion during one task, removed before measuring, and what removing it left.
+
+    All figures are relative to the task's rest pose, over the task's frames (rest → end of movement).
+
+    Attributes
+    ----------
+    roll_deg, yaw_deg, pitch_deg
+        Largest absolute rotation from rest about each axis, degrees (roll in the image plane; yaw and
+        pitch out of it, from the FaceMesh 3-D mesh).
+    scale_pct
+        Largest absolute change of the head's apparent size from rest, percent.
+    shift_d
+        Largest translation of the head from rest, in D (inter-eye distances at rest).
+    residual_d
+        Quality figure: the 90th percentile over frames of the RMS distance, in D, between the
+        expression-stable points as tracked and as the fitted rigid motion puts them (inliers only).
+        Near 0 when the head moved rigidly and the fit removed it; large when it could not be removed.
+    corrected
+        False when the residual exceeded the limit: the result is flagged, not silently kept.
+    """
+
+    roll_deg: float
+    yaw_deg: float
+    pitch_deg: float
+    scale_pct: float
+    shift_d: float
+    residual_d: float
+    corrected: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"roll_deg", "yaw_deg", "pitch_deg", "scale_pct", "shift_d", "residual_d", "corrected"}``."""
+        return {
+            "roll_deg": round(self.roll_deg, 2),
+            "yaw_deg": round(self.yaw_deg, 2),
+            "pitch_deg": round(self.pitch_deg, 2),
+            "scale_pct": round(self.scale_pct, 2),
+            "shift_d": round(self.shift_d, 4),
+            "residual_d": round(self.residual_d, 4),
+            "corrected": self.corrected,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> HeadMotion:
+        """The inverse of :meth:`to_json`."""
+        return cls(
+            float(obj["roll_deg"]), float(obj["yaw_deg"]), float(obj["pitch_deg"]),
+            float(obj["scale_pct"]), float(obj["shift_d"]), float(obj["residual_d"]),
+            bool(obj.get("corrected", True)),
+        )
+
+
+@dataclass(frozen=True)
 class TaskResult:
     """The scores of one task (DESIGN.md, "Scores"). Magnitudes are per PATIENT side.
 
@@ -162,6 +215,9 @@ class TaskResult:
     grade: GradeResult | None = None
     #: (a0, a1) the activation gate was computed with, in the task's unit (None: not recorded).
     gate_thresholds: tuple[float, float] | None = None
+    #: The head motion removed before measuring and the residual of that fit (None: not measured, e.g.
+    #: results stored before head-motion compensation existed).
+    head_motion: HeadMotion | None = None
 
     @property
     def unit(self) -> str:
