@@ -217,6 +217,7 @@ def analyze_path(
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from service.config import load_settings
+    from service.report.head_motion import head_motion_of, head_motion_text, not_corrected_text
 
     console = _console()
     settings = load_settings()  # FACESYM_* environment variables: decode limits and engine settings
@@ -251,6 +252,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         for t in doc["tasks"]:
             for note in t["notes"]:
                 console.print(f"[yellow]{t['task']}:[/] {escape(note)}")
+            if (head := head_motion_of(t)) is not None:
+                console.print(f"{t['task']} head motion: {head_motion_text(head)}")
+                if not head.corrected:
+                    console.print(f"[bold red]{t['task']}:[/] {escape(not_corrected_text(head))}")
         for name, item in doc.get("static", {}).items():
             console.print(f"static {name}: left {item['left']:.3f} D, right {item['right']:.3f} D")
     return EXIT_OK

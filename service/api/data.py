@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from service.report.head_motion import head_motion_of, head_motion_text, not_corrected_text
 from service.store.db import (
     AuditRecord,
     Delivery,
@@ -94,6 +95,7 @@ def task_rows(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for t in doc.get("tasks") or []:
             if not isinstance(t, dict):
                 continue
+            head = head_motion_of(t)  # None for results stored before head-motion compensation
             rows.append({
                 "sop_instance_uid": str(doc.get("sop_instance_uid", "")),
                 "task": str(t.get("task", "")),
@@ -111,6 +113,10 @@ def task_rows(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "flow": {
                     str(k): _num((v or {}).get("symmetry_score"))
                     for k, v in ((t.get("flow") or {}).get("regions") or {}).items()
+                },
+                "head_motion": None if head is None else {
+                    **head.to_json(), "text": head_motion_text(head),
+                    "warning": None if head.corrected else not_corrected_text(head),
                 },
             })
     return rows

@@ -74,10 +74,22 @@ STATIC_ITEM = {
     "commissure_height": _local("FSY-COMMISSHT", "Commissure height at rest"),
 }
 
+#: Head motion of a task (domain.HeadMotion), a per-task quality figure: the residual of the rigid fit
+#: (unit {D}) and the largest rigid motion removed from rest, roll / yaw / pitch (deg), apparent size
+#: change (%) and translation ({D}); HEAD_MOTION_CORRECTED says whether the fit could remove it.
+HEAD_MOTION_RESIDUAL = _local("FSY-HM-RESID", "Residual head motion after correction")
+HEAD_ROLL = _local("FSY-HM-ROLL", "Largest head roll removed")
+HEAD_YAW = _local("FSY-HM-YAW", "Largest head yaw removed")
+HEAD_PITCH = _local("FSY-HM-PITCH", "Largest head pitch removed")
+HEAD_SCALE = _local("FSY-HM-SCALE", "Largest head scale change removed")
+HEAD_SHIFT = _local("FSY-HM-SHIFT", "Largest head shift removed")
+
 # ------------------------------------------------------------------------- qualitative evaluations
 WEAKER_SIDE = _local("FSY-WEAKER", "Weaker side")
 NO_WEAKER_SIDE = _local("FSY-NOWEAKER", "No weaker side")
 INSUFFICIENT_ACTIVATION = _local("FSY-INSUFFACT", "Insufficient activation")
+#: Value SCT Yes, or SCT No when the residual exceeded the limit (the task's result is flagged).
+HEAD_MOTION_CORRECTED = _local("FSY-HM-CORR", "Head motion corrected")
 ANALYSIS_QUALITY = _local("FSY-QUALITY", "Analysis quality")
 ANALYSABLE = _local("FSY-ANALYSABLE", "Analysable")
 NOT_ANALYSABLE = _local("FSY-NOTANALYS", "Not analysable")
@@ -115,6 +127,20 @@ UNIT_SCORE = CodedConcept(value="{score}", scheme_designator="UCUM", meaning="sc
 UNIT_FLOW = CodedConcept(
     value="{D/100}/{fr}", scheme_designator="UCUM", meaning="inter-eye distance/100 per frame"
 )
+#: Head rotation (roll, yaw, pitch) and the head's apparent size change.
+UNIT_DEGREE = CodedConcept(value="deg", scheme_designator="UCUM", meaning="degree")
+UNIT_PERCENT = CodedConcept(value="%", scheme_designator="UCUM", meaning="percent")
+
+
+#: The numbers of a task's HeadMotion: (concept, HeadMotion attribute, unit), in SR and FHIR order.
+HEAD_MOTION_MEASUREMENTS: tuple[tuple[CodedConcept, str, CodedConcept], ...] = (
+    (HEAD_MOTION_RESIDUAL, "residual_d", UNIT_D),
+    (HEAD_ROLL, "roll_deg", UNIT_DEGREE),
+    (HEAD_YAW, "yaw_deg", UNIT_DEGREE),
+    (HEAD_PITCH, "pitch_deg", UNIT_DEGREE),
+    (HEAD_SCALE, "scale_pct", UNIT_PERCENT),
+    (HEAD_SHIFT, "shift_d", UNIT_D),
+)
 
 
 def magnitude_unit(task: Task) -> CodedConcept:
@@ -139,9 +165,16 @@ ALL_LOCAL: tuple[CodedConcept, ...] = (
     *GRADE_CLASS.values(),
     GRADE_MODEL,
     *STATIC_ITEM.values(),
+    HEAD_MOTION_RESIDUAL,
+    HEAD_ROLL,
+    HEAD_YAW,
+    HEAD_PITCH,
+    HEAD_SCALE,
+    HEAD_SHIFT,
     WEAKER_SIDE,
     NO_WEAKER_SIDE,
     INSUFFICIENT_ACTIVATION,
+    HEAD_MOTION_CORRECTED,
     ANALYSIS_QUALITY,
     ANALYSABLE,
     NOT_ANALYSABLE,

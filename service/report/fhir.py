@@ -7,7 +7,8 @@ conformance/fhir-profile.md describes every element, code and unit; in short, pe
   a conclusion per task, ``result`` → the Observations), identified by the SR's SOP Instance UID;
 - per analysed instance and task one Observation (category ``imaging``, the task as code, ``method``,
   ``device`` → the algorithm Device, ``derivedFrom`` → the ImagingStudy, components for each side's
-  magnitude, the scores, the gate, insufficient activation and the weaker side in SNOMED CT);
+  magnitude, the scores, the gate, insufficient activation and the weaker side in SNOMED CT, and the
+  head motion removed with the residual of its fit, a quality figure, when measured);
 - per rest photo with static items one Observation with each item's left and right value;
 - per instance that is not analysable one Observation with a ``dataAbsentReason``, an interpretation
   and each reason as a note;
@@ -77,7 +78,7 @@ SIDE_SUFFIX = {Side.LEFT: "-L", Side.RIGHT: "-R"}
 SOURCE_INSTANCE = ("FSY-SOPINST", "Source SOP Instance UID")
 
 #: UCUM code → the human-readable Quantity.unit.
-UNIT_TEXT = {"{D}": "D", "1": "1", "{score}": "score"}
+UNIT_TEXT = {"{D}": "D", "1": "1", "{score}": "score", "deg": "°", "%": "%"}
 
 ReferenceMode = Literal["conditional", "logical"]
 
@@ -349,6 +350,12 @@ def _task_observation(
         components.append(
             _component(_coding(codes.FLOW_SS[region.region]), valueQuantity=_quantity(number, codes.UNIT_ONE))
         )
+    head = task.head_motion
+    if head is not None:  # quality figure: the residual of the rigid fit and the head motion it removed
+        for concept, attr, qunit in codes.HEAD_MOTION_MEASUREMENTS:
+            number = _number(f"{where}.head_motion.{attr}", getattr(head, attr))
+            components.append(_component(_coding(concept), valueQuantity=_quantity(number, qunit)))
+        components.append(_component(_coding(codes.HEAD_MOTION_CORRECTED), valueBoolean=bool(head.corrected)))
     components.append(
         _component(_coding(codes.INSUFFICIENT_ACTIVATION), valueBoolean=bool(task.insufficient_activation))
     )
@@ -454,6 +461,8 @@ def _conclusion(findings: Sequence[InstanceFinding]) -> str:
                 f"weaker side: patient's {task.weaker_side.value}" if task.weaker_side else "no weaker side"
             )
             extra = ", insufficient activation" if task.insufficient_activation else ""
+            if task.head_motion is not None and not task.head_motion.corrected:
+                extra += f", head motion not corrected (residual {task.head_motion.residual_d:.3f} D)"
             parts.append(f"{name}: asymmetry score {task.asymmetry_score:.1f}/100 ({side}{extra})")
     bad = sum(1 for f in findings if not f.analysis.quality.ok)
     text = "; ".join(parts) if parts else "no task could be scored"
@@ -649,6 +658,7 @@ def read_bundle(bundle: Mapping[str, Any] | Any) -> list[dict[str, Any]]:
 
     - "task": ``sop_instance_uid, task, unit, left, right, asymmetry_index, asymmetry_score, cosine_index,
       cosine_score, activation_gate, insufficient_activation, weaker_side ("left" | "right" | None),
+      head_motion ({roll_deg, yaw_deg, pitch_deg, scale_pct, shift_d, residual_d, corrected} | None),
       method, notes, warnings, identifier``;
     - "static": ``sop_instance_uid, static [{name, left, right}], warnings, identifier``;
     - "not_analysable": ``sop_instance_uid, reasons, warnings, identifier``.
@@ -666,6 +676,7 @@ def read_bundle(bundle: Mapping[str, Any] | Any) -> list[dict[str, Any]]:
         _key(codes.ACTIVATION_GATE): "activation_gate",
     }
     flow_ss = {_key(c): region for region, c in codes.FLOW_SS.items()}
+    head_motion = {_key(c): attr for c, attr, _ in codes.HEAD_MOTION_MEASUREMENTS}
     per_side: dict[tuple[str, str], tuple[str, str]] = {}
     for side, suffix in SIDE_SUFFIX.items():
         per_side[(CODE_SYSTEM, f"{codes.MAGNITUDE.value}{suffix}")] = ("magnitude", side.value)
@@ -703,6 +714,10 @@ def read_bundle(bundle: Mapping[str, Any] | Any) -> list[dict[str, Any]]:
                     )
             elif ckey in flow_ss:
                 values.setdefault("flow", {})[flow_ss[ckey]] = _quantity_value(comp)
+            elif ckey in head_motion:
+                values.setdefault("head_motion", {})[head_motion[ckey]] = _quantity_value(comp)
+            elif ckey == _key(codes.HEAD_MOTION_CORRECTED):
+                values.setdefault("head_motion", {})["corrected"] = bool(comp.get("valueBoolean"))
             elif ckey == _key(codes.GRADE):
                 grade_key = _code_of(comp.get("valueCodeableConcept")) or ("", "")
                 values["grade"] = {_key(c): label for label, c in codes.GRADE_CLASS.items()}.get(grade_key)
@@ -726,6 +741,7 @@ def read_bundle(bundle: Mapping[str, Any] | Any) -> list[dict[str, Any]]:
                 weaker_side=values.get("weaker_side"),
                 flow_symmetry_scores=values.get("flow", {}),
                 grade=values.get("grade"),
+                head_motion=values.get("head_motion"),
                 method=methods.get(_code_of(obs.get("method")) or ("", "")),
                 notes=notes,
                 warnings=warnings,

@@ -40,6 +40,9 @@ def task_dict(t: TaskResult) -> dict[str, Any]:
         "method": t.method,
         "notes": list(t.notes),
     }
+    if t.head_motion is not None:
+        # The head's rigid motion removed before measuring and the residual of that fit (quality figure).
+        doc["head_motion"] = t.head_motion.to_json()
     if t.grade is not None:
         doc["grade"] = {"label": t.grade.label, "expected_index": _r(t.grade.expected_index)}
     if t.series:

@@ -22,6 +22,7 @@ from service import __version__
 from service.domain import Analysis, Side, Task, TaskResult
 from service.report.comparison import PriorStudy, changes, current_scores, iso_date, oldest_first
 from service.report.figures import SIDE_RGB, TASK_TITLE, side_name
+from service.report.head_motion import head_motion_text, not_corrected_text
 
 STATEMENT = "Research use only — not a diagnosis; weights trained on synthetic data"
 TITLE = "FaceSym facial symmetry report"
@@ -168,13 +169,21 @@ def _scores(w: _Writer, findings: Sequence[tuple[str, Analysis]]) -> None:
             w.row(cells, _COLS, colors=colours)
     if not any_task:
         w.line("No task could be scored in this study (see Quality control).", indent=0.1)
+    for label, analysis in findings:
+        for task in analysis.tasks:
+            if task.head_motion is not None and not task.head_motion.corrected:
+                warning = not_corrected_text(task.head_motion)
+                w.wrapped(f"WARNING — {label}, {TASK_TITLE[task.task]}: {warning}", weight="bold",
+                          color="#a00000")
     w.space(0.08)
     w.wrapped(
         "AS = Asymmetry Score and CS = Cosine Score (100 = symmetric movement, 0 = one side still); "
         "AI = Asymmetry Index |L − R| / max(L, R) (0 = symmetric); gate = activation gate (* below 1: "
         "insufficient activation, the scores are limited); L / R = the movement of the PATIENT's left / "
         "right side in the task's unit (D = inter-eye distances; eye closure as a fraction of the rest "
-        "area); flow SS = optical-flow Symmetry Score per region, forehead / eye / cheek (1 = symmetric).",
+        "area); flow SS = optical-flow Symmetry Score per region, forehead / eye / cheek (1 = symmetric). "
+        "Head motion (Quality control): the largest rigid head motion removed from rest before measuring, "
+        "and the residual of that fit in D (near 0: removed cleanly).",
         size=8, color="0.25",
     )
 
@@ -206,6 +215,10 @@ def _quality(w: _Writer, findings: Sequence[tuple[str, Analysis]]) -> None:
         for warning in q.warnings:
             w.wrapped(f"warning: {warning}", indent=0.25)
         for task in analysis.tasks:
+            if task.head_motion is not None:
+                w.wrapped(f"{TASK_TITLE[task.task]} — Head motion: {head_motion_text(task.head_motion)}"
+                          + ("" if task.head_motion.corrected else " (NOT corrected)"),
+                          indent=0.25, color="black" if task.head_motion.corrected else "#a00000")
             for note in task.notes:
                 w.wrapped(f"{TASK_TITLE[task.task]}: {note}", indent=0.25)
 

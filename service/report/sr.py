@@ -8,7 +8,8 @@ local codes in conformance/local-codes.md. In short:
   references the source instance (and, for a multi-frame source, the peak frames), names the task as
   its Finding, holds every number of DESIGN.md "Scores" as a TID 300 Measurement with UCUM units
   (per-side magnitudes carry the patient's side as the Laterality of their Finding Site), the weaker
-  side, the activation verdict and the QC verdict as qualitative evaluations, and TID 4019 Algorithm
+  side, the activation verdict and the QC verdict as qualitative evaluations, the head motion removed
+  and the residual of its fit (a quality figure, when measured), and TID 4019 Algorithm
   Identification on the group and on every measurement;
 - per rest photo with static items, one more group with those items;
 - per instance that is not analysable, one group that says so, with each reason as TEXT.
@@ -231,6 +232,13 @@ def _task_group(
             name=codes.FLOW_SS[region.region], unit=codes.UNIT_ONE, algorithm_id=algorithm,
             value=_number(f"{where}.flow[{k}].symmetry_score", region.symmetry_score),
         ))
+    head = task.head_motion
+    if head is not None:  # quality figure: the residual of the rigid fit and the motion it removed
+        measurements += [
+            Measurement(name=name, value=_number(f"{where}.head_motion.{attr}", getattr(head, attr)),
+                        unit=unit, algorithm_id=algorithm)
+            for name, attr, unit in codes.HEAD_MOTION_MEASUREMENTS
+        ]
     weaker = codes.LATERALITY[task.weaker_side] if task.weaker_side else codes.NO_WEAKER_SIDE
     evaluations = [
         QualitativeEvaluation(codes.WEAKER_SIDE, weaker),
@@ -239,6 +247,10 @@ def _task_group(
         ),
         QualitativeEvaluation(codes.ANALYSIS_QUALITY, codes.ANALYSABLE),
     ]
+    if head is not None:
+        evaluations.append(
+            QualitativeEvaluation(codes.HEAD_MOTION_CORRECTED, codes.YES if head.corrected else codes.NO)
+        )
     if task.grade is not None:
         if task.grade.label not in codes.GRADE_CLASS:
             raise InvalidParameterError(f"{where}.grade.label must be one of {list(codes.GRADE_CLASS)}")
@@ -616,6 +628,15 @@ def _evaluation(group: MeasurementsAndQualitativeEvaluations, name: CodedConcept
     return cast(CodedConcept, found[0].value) if found else None
 
 
+def _read_head_motion(group: MeasurementsAndQualitativeEvaluations) -> dict[str, Any] | None:
+    """The group's head motion as ``HeadMotion.to_json`` keys (unrounded), or None when it has none."""
+    values = {attr: _one(group, name) for name, attr, _ in codes.HEAD_MOTION_MEASUREMENTS}
+    corrected = _evaluation(group, codes.HEAD_MOTION_CORRECTED)
+    if corrected is None and all(v is None for v in values.values()):
+        return None
+    return {**values, "corrected": corrected != codes.NO}
+
+
 def _read_task(group: MeasurementsAndQualitativeEvaluations, task: Task, frames: list[int]) -> dict[str, Any]:
     sides = _per_side(group, codes.MAGNITUDE)
     weaker = _evaluation(group, codes.WEAKER_SIDE)
@@ -641,6 +662,7 @@ def _read_task(group: MeasurementsAndQualitativeEvaluations, task: Task, frames:
             for region in codes.FLOW_SS
             if (ss := _one(group, codes.FLOW_SS[region])) is not None
         },
+        "head_motion": _read_head_motion(group),
     }
 
 
@@ -662,7 +684,9 @@ def read_report(ds: pydicom.Dataset) -> list[dict[str, Any]]:
                         "asymmetry_score", "cosine_index", "cosine_score",
                         "weaker_side": "left" | "right" | None, "insufficient_activation": bool,
                         "peak_frames": [first, last] (0-based, inclusive) | None,
-                        "method": str | None, "notes": [str]}],
+                        "method": str | None, "notes": [str],
+                        "head_motion": {"roll_deg", "yaw_deg", "pitch_deg", "scale_pct", "shift_d",
+                                        "residual_d": float, "corrected": bool} | None}],
              "static": [{"name", "left", "right"}]}
 
         Numbers come from the Floating Point Value when present (exact), else the Numeric Value.

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from service.domain import Analysis, Quality, RegionSymmetry, Side, StaticItem, Task, TaskResult
+from service.domain import Analysis, HeadMotion, Quality, RegionSymmetry, Side, StaticItem, Task, TaskResult
 from service.engine.scores import GateThresholds
 from service.errors import FaceSymError
 from service.media.dicom_io import DEFER_SIZE
@@ -356,7 +356,8 @@ def render_pdf_for_study(
 def analysis_from_dict(doc: Mapping[str, Any]) -> Analysis:
     """Rebuild an Analysis from the JSON document of :func:`service.report.jsonout.analysis_dict` (what
     the worker stores as a job's result), for an offline report. Rounded as stored; a ``series`` key
-    per task (list of [left, right]) is read when present, else the report has no motion plot."""
+    per task (list of [left, right]) is read when present, else the report has no motion plot; so is a
+    ``head_motion`` object (absent in results stored before head-motion compensation: None)."""
     q = doc.get("quality", {})
     quality = Quality(bool(q.get("ok")), tuple(q.get("reasons", ())), tuple(q.get("warnings", ())),
                       int(q.get("valid_frames", 0)), int(doc.get("input", {}).get("frames", 0) or 0))
@@ -384,6 +385,7 @@ def analysis_from_dict(doc: Mapping[str, Any]) -> Analysis:
             series=tuple((float(a), float(b)) for a, b in t.get("series", ())),
             gate_thresholds=(float(t["gate_thresholds"][0]), float(t["gate_thresholds"][1]))
             if t.get("gate_thresholds") else None,
+            head_motion=HeadMotion.from_json(t["head_motion"]) if t.get("head_motion") else None,
         ))
     static = tuple(StaticItem(name, float(v["left"]), float(v["right"]))
                    for name, v in (doc.get("static") or {}).items())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -15,7 +16,7 @@ import pytest
 from conftest import require_peer
 
 from service import phantom
-from service.domain import Analysis, Quality, Task
+from service.domain import Analysis, HeadMotion, Quality, Task
 from service.engine import ENGINE_VERSION
 from service.engine.pipeline import analyze_frames
 from service.errors import UnreadableInputError
@@ -72,12 +73,33 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "analysis": analysis,
         "reason": not_analysable.quality.reasons[0],
         "uids": (video.SOPInstanceUID, bad.SOPInstanceUID),
+        "evidence": [video, bad],
+        "findings": findings,
     }
 
 
-def test_sr_passes_dciodvfy(study: dict) -> None:
+@pytest.fixture(scope="module")
+def head_motion_sr(study: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same study's SR with head-motion items in every task group: the engine's smile with a corrected
+    head motion (whatever the engine measured), and a brow raise whose head motion was not corrected."""
+    video, bad = study["findings"]
+    (smile,) = video.analysis.tasks
+    head = HeadMotion(roll_deg=3.25, yaw_deg=11.5, pitch_deg=6.75, scale_pct=4.5, shift_d=0.21,
+                      residual_d=0.014)
+    stuck = replace(head, residual_d=0.09, corrected=False)
+    tasks = (replace(smile, head_motion=head), replace(smile, task=Task.BROW_RAISE, head_motion=stuck))
+    findings = [replace(video, analysis=replace(video.analysis, tasks=tasks)), bad]
+    path = tmp_path_factory.mktemp("sr-head") / "sr.dcm"
+    build_report(study["evidence"], findings, engine_version=ENGINE_VERSION).save_as(
+        path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("which", ["engine", "head_motion"])
+def test_sr_passes_dciodvfy(study: dict, head_motion_sr: Path, which: str) -> None:
     exe = require_peer("dciodvfy")
-    proc = subprocess.run([exe, str(study["path"])], capture_output=True, text=True, timeout=60)
+    path = study["path"] if which == "engine" else head_motion_sr
+    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
     out = proc.stdout + proc.stderr
     print(out)
     assert proc.returncode == 0, out
@@ -122,9 +144,29 @@ def test_dsr2xml_parses_it_and_holds_the_numbers(study: dict) -> None:
         (codes.COSINE_SCORE, task.cosine_score),
     ):
         assert by[(code.value, None)] == pytest.approx(want, abs=1e-6), code.meaning
+    if task.head_motion is not None:  # the engine measured the head motion: its numbers are there too
+        for code, attr, _ in codes.HEAD_MOTION_MEASUREMENTS:
+            assert by[(code.value, None)] == pytest.approx(getattr(task.head_motion, attr), abs=1e-6), attr
     # The reason the corrupt video is not analysable is in the document, as text.
     texts = [t.findtext("value") for t in root.iter("text") if t.findtext("concept/value") == "FSY-REASON"]
     assert texts == [study["reason"]]
+
+
+def test_dsr2xml_holds_the_head_motion(head_motion_sr: Path) -> None:
+    exe = require_peer("dsr2xml")
+    proc = subprocess.run([exe, str(head_motion_sr)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    root = ET.fromstring(proc.stdout.encode("utf-8"))
+    residuals = [v for concept, v, _ in _num_items(root) if concept == codes.HEAD_MOTION_RESIDUAL.value]
+    assert residuals == [pytest.approx(0.014), pytest.approx(0.09)]
+    verdicts = [c.findtext("value") for c in root.iter("code")
+                if c.findtext("concept/value") == codes.HEAD_MOTION_CORRECTED.value]
+    assert verdicts == [codes.YES.value, codes.NO.value]
+    (smile, brow) = read_report(pydicom.dcmread(head_motion_sr))[0]["tasks"]
+    assert smile["head_motion"]["yaw_deg"] == pytest.approx(11.5)
+    assert smile["head_motion"]["corrected"] is True
+    assert brow["head_motion"]["residual_d"] == pytest.approx(0.09)
+    assert brow["head_motion"]["corrected"] is False
 
 
 def test_read_report_matches_the_engine(study: dict) -> None:

@@ -1,9 +1,12 @@
 """TaskResult fixtures shared by the report tests (SR, FHIR): a 90-frame clip, values with enough digits
-that rounding in a report would show. Each test module derives what it needs with dataclasses.replace."""
+that rounding in a report would show. Each test module derives what it needs with dataclasses.replace.
+
+SMILE and BROW carry a HeadMotion (BROW's could not be corrected); EYES has none, as results stored before
+head-motion compensation existed: every report must take both."""
 
 from __future__ import annotations
 
-from service.domain import Side, Task, TaskResult
+from service.domain import HeadMotion, Side, Task, TaskResult
 
 N_FRAMES = 90
 ENGINE = "0.1.0"
@@ -24,6 +27,8 @@ SMILE = TaskResult(
     weaker_side=Side.RIGHT,
     method="pixels",
     notes=("peak clipped at clip end",),
+    head_motion=HeadMotion(roll_deg=4.123456, yaw_deg=7.654321, pitch_deg=2.345678, scale_pct=3.219876,
+                           shift_d=0.1234567, residual_d=0.0123456),
 )
 #: A symmetric but weak brow raise (gate < 1: insufficient activation).
 BROW = TaskResult(
@@ -40,8 +45,10 @@ BROW = TaskResult(
     cosine_score=97.433333,
     weaker_side=None,
     method="landmarks",
+    head_motion=HeadMotion(roll_deg=1.5, yaw_deg=18.25, pitch_deg=9.75, scale_pct=12.5, shift_d=0.4321,
+                           residual_d=0.0876543, corrected=False),
 )
-#: An eye closure weak on the right, from landmarks.
+#: An eye closure weak on the right, from landmarks; no head motion recorded (an old result).
 EYES = TaskResult(
     task=Task.EYE_CLOSURE,
     frames=(0, 89),

@@ -64,6 +64,11 @@ def task_doc(task: str, as_: float, cs: float, weaker: str | None) -> dict[str, 
     }
 
 
+#: A task's "head_motion" JSON object (README, "JSON schema"); the pre-op study's results have none.
+HEAD_MOTION = {"roll_deg": 4.2, "yaw_deg": 7.65, "pitch_deg": 2.3, "scale_pct": 3.2, "shift_d": 0.1234,
+               "residual_d": 0.0123, "corrected": True}
+
+
 def result(tasks: list[dict[str, Any]], ok: bool = True) -> str:
     return json.dumps([{
         "facesym_version": "0.1.0", "sop_instance_uid": "1.2.3.4.5", "task_hint": "smile",
@@ -95,8 +100,10 @@ def seed(sessions: sessionmaker[Session], files: Path) -> None:
                  result_json=result([task_doc("smile", 41.0, 55.0, "left")]))
         j2 = Job(study_pk=post.id, engine_version="0.1.0", state=JobState.REPORTED, attempts=2,
                  sr_path=f"reports/{POST_UID}/sr.dcm",
-                 result_json=result([task_doc("smile", 82.5, 88.0, None),
-                                     task_doc("eye_closure", 90.0, 93.0, None)]))
+                 result_json=result([
+                     {**task_doc("smile", 82.5, 88.0, None), "head_motion": HEAD_MOTION},
+                     {**task_doc("eye_closure", 90.0, 93.0, None),
+                      "head_motion": {**HEAD_MOTION, "residual_d": 0.0912, "corrected": False}}]))
         j3 = Job(study_pk=other.id, engine_version="0.1.0", state=JobState.FAILED, attempts=5,
                  reason="RuntimeError: no face found")
         s.add_all([j1, j2, j3])
@@ -334,13 +341,18 @@ def test_study_page_shows_scores_comparison_figures_and_is_audited(env: dict[str
     assert "Comparison with earlier studies" in page and "pre-op" in page and "41.0 / 55.0" in page
     assert f"/studies/{POST_UID}/figures/smile_key.png" in page and 'id="key-image"' in page
     assert "association rejected" in page
+    # per-task head motion (quality), with a warning where it could not be removed
+    assert "head motion: roll 4.2°, yaw 7.7°, pitch 2.3°, scale 3.2 %, shift 0.123 D; residual 0.012 D" in (
+        page)
+    assert "head motion NOT corrected (residual 0.091 D above the limit)" in page
     access = [x for x in records(env, "110103") if POST_UID in x.xml]
     assert len(access) == 1 and 'EventActionCode="R"' in access[0].xml and "PAT001" in access[0].xml
     fig = c.get(f"/studies/{POST_UID}/figures/smile_key.png")
     assert fig.status_code == 200 and fig.headers["content-type"] == "image/png" and fig.content == PNG
-    # no figures: a placeholder; the earlier study has no comparison of its own
+    # no figures: a placeholder; the earlier study has no comparison of its own nor head motion (old result)
     pre = c.get(f"/studies/{PRE_UID}").text
     assert "No figures for this study yet" in pre and "Comparison with earlier studies" not in pre
+    assert "head motion:" not in pre
     # nothing outside the figures folder
     for bad in ("..%2F..%2Ffacesym.db", "sr.dcm", "x.png"):
         assert c.get(f"/studies/{POST_UID}/figures/{bad}").status_code == 404

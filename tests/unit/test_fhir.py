@@ -202,6 +202,13 @@ def test_bundle_validates_with_r4b_and_round_trips(built: tuple) -> None:
         assert g["warnings"] == ["face lost in 3 frames"]
         assert g["unit"] == ("1" if want.task is Task.EYE_CLOSURE else "{D}")
         assert g["flow_symmetry_scores"] == {r.region: r.symmetry_score for r in want.flow}
+        head = want.head_motion
+        assert g["head_motion"] == (None if head is None else {
+            "roll_deg": head.roll_deg, "yaw_deg": head.yaw_deg, "pitch_deg": head.pitch_deg,
+            "scale_pct": head.scale_pct, "shift_d": head.shift_d, "residual_d": head.residual_d,
+            "corrected": head.corrected,
+        })
+    assert tasks[0]["head_motion"] is not None and tasks[1]["head_motion"] is None  # EYES: an old result
 
     (bad,) = [g for g in got if g["kind"] == "not_analysable"]
     assert bad["sop_instance_uid"] == findings[1].sop_instance_uid
@@ -297,7 +304,23 @@ def test_task_observation_codes_and_units(built: tuple) -> None:
             assert (q["system"], q["code"]) == (UCUM, unit), code
             assert math.isfinite(q["value"])
     for q in _walk(bundle, "valueQuantity"):
-        assert q["system"] == UCUM and q["code"] in {"{D}", "1", "{score}"}
+        assert q["system"] == UCUM and q["code"] in {"{D}", "1", "{score}", "deg", "%"}
+    # head motion (a quality figure): the residual in {D}, the rotation removed in deg, scale in %, shift in
+    # {D}; whether it was corrected as a boolean. EYES has none (an old result): no such component.
+    hm = SMILE.head_motion
+    assert hm is not None
+    for code, unit, value, text in (
+        ("FSY-HM-RESID", "{D}", hm.residual_d, "D"),
+        ("FSY-HM-ROLL", "deg", hm.roll_deg, "°"),
+        ("FSY-HM-YAW", "deg", hm.yaw_deg, "°"),
+        ("FSY-HM-PITCH", "deg", hm.pitch_deg, "°"),
+        ("FSY-HM-SCALE", "%", hm.scale_pct, "%"),
+        ("FSY-HM-SHIFT", "{D}", hm.shift_d, "D"),
+    ):
+        q = comp(smile, code)["valueQuantity"]
+        assert q == {"value": value, "unit": text, "system": UCUM, "code": unit}, code
+        assert not [c for c in eyes["component"] if c["code"]["coding"][0]["code"] == code]
+    assert comp(smile, "FSY-HM-CORR")["valueBoolean"] is True
     assert comp(smile, "FSY-MAG-L")["valueQuantity"]["value"] == SMILE.left
     assert comp(smile, "FSY-MAG-R")["valueQuantity"]["value"] == SMILE.right
     assert comp(smile, "FSY-INSUFFACT")["valueBoolean"] is False
@@ -350,7 +373,12 @@ def test_no_weaker_side_and_static_items(study_files: dict[str, Path]) -> None:
     assert got[0]["weaker_side"] is None
     (static,) = [g for g in got if g["kind"] == "static"]
     assert static["static"] == [{"name": "commissure_height", "left": 0.51, "right": 0.47}]
-    assert "no weaker side" in _resources(bundle, "DiagnosticReport")[0]["conclusion"]
+    conclusion = _resources(bundle, "DiagnosticReport")[0]["conclusion"]
+    assert "no weaker side" in conclusion
+    # BROW's head motion could not be removed: the Observation and the conclusion say so.
+    (corrected,) = [c for c in brow["component"] if c["code"]["coding"][0]["code"] == "FSY-HM-CORR"]
+    assert corrected["valueBoolean"] is False and got[0]["head_motion"]["corrected"] is False
+    assert "head motion not corrected (residual 0.088 D)" in conclusion
 
 
 def test_device(built: tuple) -> None:

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from conftest import require_peer
 
-from service.domain import Analysis, Quality, RegionSymmetry, Side, StaticItem, Task, TaskResult
+from service.domain import Analysis, HeadMotion, Quality, RegionSymmetry, Side, StaticItem, Task, TaskResult
 from service.errors import InvalidParameterError
 from service.media.dicom_io import build_vl_photograph, write_dicom
 from service.report import figures as fg
@@ -136,9 +136,15 @@ def test_png_bytes() -> None:
 
 
 # ------------------------------------------------------------------------------------------ PDF
+HEAD = HeadMotion(roll_deg=4.2, yaw_deg=7.65, pitch_deg=2.3, scale_pct=3.2, shift_d=0.1234, residual_d=0.0123)
+
+
 def _findings() -> list[tuple[str, Analysis]]:
     ok = Analysis(Quality(True, (), ("face lost in 2 frames",), 38, 40),
-                  (_task(notes=("pixel tracking lost 3 % of points",)),))
+                  (_task(notes=("pixel tracking lost 3 % of points",), head_motion=HEAD),
+                   _task(task=Task.BROW_RAISE, flow=(), series=(),
+                         head_motion=replace(HEAD, residual_d=0.0912, corrected=False)),
+                   _task(task=Task.EYE_CLOSURE, flow=(), series=())))  # no head motion: an old result
     bad = Analysis(Quality(False, ("no face found in 30 of 30 frames",), (), 0, 30), ())
     rest = Analysis(Quality(True, (), (), 1, 1), (), (StaticItem("brow_height", 0.31, 0.27),))
     return [("Series 1 #1 smile", ok), ("Series 2 #1", bad), ("Series 3 #1 rest", rest)]
@@ -170,6 +176,13 @@ def test_pdf_text(tmp_path: Path) -> None:
                      "face lost in 2 frames", "pixel tracking lost 3 % of points", "brow height", "Figures"):
         assert expected in text, expected
     assert "1.00/0.62/0.00" in text  # flow SS per region
+    # head motion per task (a quality figure), and a warning where it could not be removed
+    flat = " ".join(text.split())
+    assert ("Smile — Head motion: roll 4.2°, yaw 7.7°, pitch 2.3°, scale 3.2 %, shift 0.123 D; "
+            "residual 0.012 D") in flat
+    assert "Brow raise — Head motion: roll 4.2°" in flat and "residual 0.091 D (NOT corrected)" in flat
+    assert "WARNING — Series 1 #1 smile, Brow raise: head motion NOT corrected (residual 0.091 D" in flat
+    assert flat.count("Head motion: roll") == 2  # eye closure has none
     pages = subprocess.run([exe, str(path), "-"], capture_output=True, text=True, check=True).stdout
     assert pages.count("\f") == 2  # one to two pages
 
@@ -232,3 +245,11 @@ def test_analysis_round_trips_through_the_stored_json() -> None:
     assert analysis_from_dict(doc).tasks[0].gate_thresholds == (0.03, 0.2)
     assert b.gate_thresholds is None and "gate_thresholds" not in analysis_dict(
         analysis, MediaInfo("x", "video", 1, 1, 30.0, 40, "dicom"), 40)["tasks"][0]
+    # The head motion travels too (rounded as HeadMotion.to_json); a task without it has no key and reads
+    # back None (results stored before head-motion compensation existed).
+    doc = analysis_dict(analysis, MediaInfo("x", "video", 1, 1, 30.0, 40, "dicom"), 40)
+    docs = [task.get("head_motion") for task in doc["tasks"]]
+    assert docs == [HEAD.to_json(), replace(HEAD, residual_d=0.0912, corrected=False).to_json(), None]
+    assert [t.head_motion for t in analysis_from_dict(doc).tasks] == [
+        HeadMotion.from_json(HEAD.to_json()), replace(HEAD, residual_d=0.0912, corrected=False), None]
+    assert "head_motion" not in doc["tasks"][2]

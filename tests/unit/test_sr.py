@@ -96,6 +96,18 @@ def _assert_task(got: dict, want: TaskResult, peak: list[int] | None) -> None:
     assert got["peak_frames"] == peak
     assert got["method"] == want.method
     assert got["notes"] == list(want.notes)
+    head = want.head_motion
+    if head is None:  # an old result: no head-motion items, and the reader says so
+        assert got["head_motion"] is None
+    else:
+        assert got["head_motion"] == {
+            "roll_deg": pytest.approx(head.roll_deg, abs=1e-9),
+            "yaw_deg": pytest.approx(head.yaw_deg, abs=1e-9),
+            "pitch_deg": pytest.approx(head.pitch_deg, abs=1e-9),
+            "scale_pct": pytest.approx(head.scale_pct, abs=1e-9),
+            "shift_d": pytest.approx(head.shift_d, abs=1e-9),
+            "residual_d": pytest.approx(head.residual_d, abs=1e-9), "corrected": head.corrected,
+        }
 
 
 def test_round_trip_equals_the_input(written: Path, study: dict[str, Dataset]) -> None:
@@ -126,6 +138,34 @@ def test_round_trip_equals_the_input(written: Path, study: dict[str, Dataset]) -
         "tasks": [],
         "static": [],
     }
+
+
+def test_head_motion_items_units_and_verdict(written: Path) -> None:
+    """Per task group: the head-motion NUMs with their UCUM units, and "Head motion corrected" Yes / No
+    (BROW's could not be corrected); a task without head motion (EYES, an old result) has none of them."""
+    ds = pydicom.dcmread(written)
+    smile, brow = ds.ContentSequence[-1].ContentSequence[:2]
+
+    def items(group: Dataset) -> dict[str, Dataset]:
+        return {i.ConceptNameCodeSequence[0].CodeValue: i for i in group.ContentSequence
+                if "ConceptNameCodeSequence" in i}
+
+    for group, corrected in ((smile, "373066001"), (brow, "373067005")):
+        found = items(group)
+        for concept, _, unit in codes.HEAD_MOTION_MEASUREMENTS:
+            item = found[concept.value]
+            assert item.ValueType == "NUM" and item.RelationshipType == "CONTAINS"
+            units = item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0]
+            assert (units.CodeValue, units.CodingSchemeDesignator) == (unit.value, "UCUM"), concept.value
+        verdict = found[codes.HEAD_MOTION_CORRECTED.value]
+        assert verdict.ValueType == "CODE" and verdict.ConceptCodeSequence[0].CodeValue == corrected
+    assert {u.value for _, _, u in codes.HEAD_MOTION_MEASUREMENTS} == {"{D}", "deg", "%"}
+    video = build_video_photographic(b"\x00" * 64, width=64, height=48, n_frames=N_FRAMES, fps=30.0)
+    old = InstanceFinding(video.SOPClassUID, video.SOPInstanceUID, N_FRAMES,
+                          Analysis(Quality(True, (), (), 9, 9), (replace(EYES, head_motion=None),)))
+    sr = build_report([_header(video)], [old], engine_version=ENGINE)
+    (group,) = sr.ContentSequence[-1].ContentSequence
+    assert not [code for code in items(group) if code.startswith("FSY-HM-")]
 
 
 def test_sr_header(written: Path, study: dict[str, Dataset]) -> None:
