@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from service.domain import Analysis, Frame, Quality, StaticItem, Task, TaskResult
+from service.domain import Analysis, Frame, HeadMotion, Quality, StaticItem, Task, TaskResult
+from service.engine import headmotion as hm
 from service.engine import normalize as nz
 from service.engine import tasks as tk
 from service.engine.flow import FlowParams, regional_symmetry
 from service.engine.landmarks import FaceMeshDetector, TrackBuilder
-from service.engine.pixels import CropStore, align_to_reference, track_points_from
+from service.engine.pixels import CropStore, texture, track_points_from
 from service.engine.quality import QualityLimits, assess
 from service.engine.scores import GateThresholds, score_task
 from service.errors import NotAnalysableError
@@ -171,9 +172,9 @@ def _analyze_track(
 ) -> Analysis:
     pts = points.copy()
     pts[~usable] = np.nan
-    norm, _ = nz.normalize(pts)
     first_valid = np.flatnonzero(usable)
     k_rest = 1 if photo_pair else max(3, int(round(0.3 * fps)))
+    norm = pose_normalized(pts, first_valid[:k_rest])
     rest_pose = np.nanmedian(norm[first_valid[:k_rest]], axis=0)
     signals = tk.landmark_signals(norm, rest_pose)
     a1 = {t: params.gates[t].a1 for t in Task}
@@ -181,7 +182,7 @@ def _analyze_track(
 
     if photo_pair:
         if task is None:
-            rel = {t: float(np.nanmean(signals[t][1])) / a1[t] for t in Task}
+            rel = {t: float(np.nanmax(signals[t][1])) / a1[t] for t in Task}
             task = max(rel, key=lambda t: rel[t])
         segments = [tk.Segment(task, 1, 1, 0, 0)]
     elif task is not None:
@@ -206,6 +207,20 @@ def _analyze_track(
     return Analysis(quality, tuple(results))
 
 
+def pose_normalized(points: np.ndarray, rest_frames: np.ndarray) -> np.ndarray:
+    """Landmarks (T, 478, 3) px → the normalised frame (T, 478, 2) with the head's motion removed.
+
+    Each frame is mapped into the head frame of the rest pose (median of ``rest_frames``) by a robust 3-D
+    similarity on expression-stable points (:func:`service.engine.headmotion.frontalize`), then every
+    frame gets the rest pose's normalisation (nose tip, eye line, D). So roll, yaw, pitch, scale and shift
+    of the head do not read as movement, in the signals, the segmentation and the grader alike.
+    """
+    rest = _nanmedian(points[rest_frames])
+    frontal = hm.frontalize(points, rest)
+    reference = nz.normalize(rest[None])[1]
+    return nz.normalize(frontal, reference=reference)[0]
+
+
 def _face_axes(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Unit vectors (image px) toward the patient's left and up, and the inter-eye distance in px."""
     left_c, right_c = nz.eye_centres(landmarks[None, :, :2])
@@ -216,37 +231,87 @@ def _face_axes(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def _pixel_displacements(
+    task: Task,
     lo: int,
     hi: int,
     anchor: int,
     pts: np.ndarray,
+    usable: np.ndarray,
     crops: CropStore,
     indices: list[int],
     rest_rel: slice,
-    window_px: int = 21,
-) -> np.ndarray | None:
-    """Displacements (hi − lo + 1, len(indices), 2) in D, from rest, of Lucas–Kanade-tracked landmarks.
+    window_px: int,
+    max_residual_d: float,
+) -> tuple[np.ndarray, HeadMotion | None] | None:
+    """Displacements (hi − lo + 1, len(indices), 2) in D, from rest, in the HEAD's frame at rest, of
+    Lucas–Kanade-tracked landmarks, and the head motion removed.
 
     The points are seeded where FaceMesh puts the landmarks in frame ``anchor`` and tracked both ways
-    through frames ``lo``..``hi``; rest is the median over ``rest_rel`` (relative to ``lo``). Head
-    translation is removed with the nasal dorsum (:data:`service.engine.tasks.STABLE`).
+    through frames ``lo``..``hi``; rest is the median over ``rest_rel`` (relative to ``lo``). The head's
+    rigid motion (3-D rotation from the mesh, in-plane similarity from the task's pixel-tracked stable
+    points, :mod:`service.engine.headmotion`) is removed before any displacement is taken.
     """
     if crops.scale is None:
         return None
-    stable = list(tk.STABLE)
-    seeds = crops.to_crop(pts[anchor, indices + stable])
+    stable = list(hm.STABLE_BY_TASK[task])
+    seeds = crops.to_crop(pts[anchor, indices])
     tracked = track_points_from(crops.crops, anchor, lo, hi, seeds, window_px=window_px)
-    aligned = align_to_reference(
-        tracked[:, : len(indices)], tracked[:, len(indices) :], seeds[len(indices) :]
-    )
-    rest = _nanmedian(aligned[rest_rel])  # a point lost before rest stays NaN (counted as lost)
-    e, u, d_px = _face_axes(pts[anchor])
-    disp = aligned - rest
+    st_seeds = crops.to_crop(pts[anchor, stable])
+    st_tracked = track_points_from(crops.crops, anchor, lo, hi, st_seeds, window_px=21)
+    anchor_crop = crops.crops[anchor]
+    textured = 0 if anchor_crop is None else int((texture(anchor_crop, st_seeds) >= hm.MIN_TEXTURE).sum())
+    seg = pts[lo : hi + 1]
+    rest_frames = [k for k in range(rest_rel.start, rest_rel.stop) if usable[lo + k]] or [rest_rel.start]
+    rest3d = _nanmedian(seg[rest_frames])
+    if not np.isfinite(rest3d[stable + indices]).all():
+        return None
+    rotations = hm.rest_rotations(seg, rest3d, tuple(stable))
+    z = rest3d[:, 2] * crops.scale
+    st_rest = np.column_stack([_nanmedian(st_tracked[rest_rel]), z[stable]])
+    if not np.isfinite(st_rest).all():
+        return None
+    e, u, d_px = _face_axes(rest3d)
     d_crop = d_px * crops.scale
+    head = hm.to_head_frame(
+        tracked, z[indices], st_tracked, st_rest, rotations, d_crop,
+        roll_from_pixels=textured >= hm.MIN_TEXTURED_POINTS, max_residual_d=max_residual_d,
+    )
+    rest = _nanmedian(head.positions[rest_rel])  # a point lost before rest stays NaN (counted as lost)
+    disp = head.positions - rest
     out = np.full((hi - lo + 1, len(indices), 2), np.nan)
     out[..., 0] = (disp @ e) / d_crop
     out[..., 1] = (disp @ u) / d_crop
-    return out
+    return out, head.motion
+
+
+def _landmark_head_motion(
+    seg: np.ndarray, rest_rel: slice, task: Task, max_residual_d: float
+) -> HeadMotion | None:
+    """Head motion and fit residual from the landmarks alone (when pixel tracking was not used)."""
+    rest3d = _nanmedian(seg[rest_rel])
+    stable = list(hm.STABLE_BY_TASK[task])
+    d = float(nz.interocular_distance(rest3d[None])[0])
+    if not (np.isfinite(rest3d[stable]).all() and d > 0):
+        return None
+    rows = []
+    for frame in seg:
+        try:
+            s, rot, t = hm.robust_similarity_3d(rest3d[stable], frame[stable])
+        except (ValueError, np.linalg.LinAlgError):
+            continue
+        fitted = s * rest3d[stable] @ rot.T + t
+        resid = float(np.sqrt(np.mean(np.sum((frame[stable] - fitted) ** 2, axis=1)))) / d
+        shift = float(np.linalg.norm((fitted - rest3d[stable])[:, :2].mean(axis=0))) / d
+        rows.append((*hm.euler_deg(rot), 100.0 * (s - 1.0), shift, resid))
+    if not rows:
+        return None
+    a = np.abs(np.array(rows))
+    resid = float(np.percentile(a[:, 5], 90))
+    return HeadMotion(
+        roll_deg=float(a[:, 2].max()), yaw_deg=float(a[:, 0].max()), pitch_deg=float(a[:, 1].max()),
+        scale_pct=float(a[:, 3].max()), shift_d=float(a[:, 4].max()), residual_d=resid,
+        corrected=resid <= max_residual_d,
+    )
 
 
 def _task_signal(
@@ -358,9 +423,12 @@ def _measure(
     cl, cr = list(tk.CANTHI_LEFT), list(tk.mirrored(tk.CANTHI_LEFT))
     indices = list(left_idx) + list(right_idx) + (cl + cr if task is Task.BROW_RAISE else [])
     candidates: list[tuple[str, np.ndarray]] = []
+    head_motion: HeadMotion | None = None
     if params.pixel_tracking:
         window = EYE_WINDOW_PX if task is Task.EYE_CLOSURE else 21
         px: np.ndarray | None = None
+        measured: tuple[np.ndarray, HeadMotion | None] | None = None
+        limit = params.quality.max_head_residual_d
         if task is Task.SMILE:
             # The commissure is a fold, not a point of skin: seeded at rest, the tracked lip tissue rolls
             # into the opening mouth and lags the corner. Seed where FaceMesh puts the corner in the
@@ -369,15 +437,22 @@ def _measure(
             # skin that does not move, so that side still reads no motion.
             bilateral = tk.smooth(np.nanmean(lm_sig[lo : hi + 1], axis=1), width)
             anchor = _peak_anchor(bilateral, usable, lo, start, end, params.peak_fraction)
-            px = _pixel_displacements(lo, hi, anchor, pts, crops, indices, rest_rel, window)
+            measured = _pixel_displacements(
+                task, lo, hi, anchor, pts, usable, crops, indices, rest_rel, window, limit
+            )
+            px = None if measured is None else measured[0]
             if _lost_fraction(px, start - lo, end - lo) > params.max_lost_pixel_fraction:
                 notes.append("smile: tracking from the peak lost the corners; tracked from rest instead")
                 px = None
         if px is None:
-            px = _pixel_displacements(lo, hi, lo, pts, crops, indices, rest_rel, window)
+            measured = _pixel_displacements(
+                task, lo, hi, lo, pts, usable, crops, indices, rest_rel, window, limit
+            )
+            px = None if measured is None else measured[0]
         lost = _lost_fraction(px, start - lo, end - lo)
-        if px is not None and lost <= params.max_lost_pixel_fraction:
+        if px is not None and measured is not None and lost <= params.max_lost_pixel_fraction:
             candidates.append(("pixels", px))
+            head_motion = measured[1]
         else:
             notes.append(
                 f"pixel tracking lost {100 * lost:.0f} % of points; "
@@ -399,6 +474,16 @@ def _measure(
         notes.append(f"{method}: the peak could not be measured on both sides")
     else:
         raise NotAnalysableError([f"{task.value}: movement could not be measured on both sides"])
+    if method == "landmarks" or head_motion is None:
+        head_motion = _landmark_head_motion(
+            pts[lo : hi + 1], rest_rel, task, params.quality.max_head_residual_d
+        )
+    if head_motion is not None and not head_motion.corrected:
+        notes.append(
+            f"head motion not fully removed: residual {head_motion.residual_d:.3f} D > "
+            f"{params.quality.max_head_residual_d:g} D (roll {head_motion.roll_deg:.1f}°, "
+            f"yaw {head_motion.yaw_deg:.1f}°, pitch {head_motion.pitch_deg:.1f}°); read the scores with care"
+        )
     left, right = max(0.0, left_raw), max(0.0, right_raw)
     v_left = np.nan_to_num(_nanmedian(vl[peak]))
     v_right = np.nan_to_num(_nanmedian(vr[peak]))
@@ -421,5 +506,6 @@ def _measure(
         gate_thresholds=(params.gates[task].a0, params.gates[task].a1),
         method=method,
         notes=tuple(notes),
+        head_motion=head_motion,
         series=tuple((float(a), float(b)) for a, b in sig[: end - lo + 1]),
     )

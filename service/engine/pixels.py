@@ -120,17 +120,6 @@ def track_points(
     return out
 
 
-def align_to_reference(points: np.ndarray, stable: np.ndarray, stable_ref: np.ndarray) -> np.ndarray:
-    """Remove head translation: shift ``points`` (T, N, 2) by the median displacement of the ``stable``
-    points (T, K, 2) from ``stable_ref`` (K, 2) in each frame. Frames without a tracked stable point → NaN.
-
-    Translation only, on purpose: measured on real clips, a similarity fit to the few midline points
-    turned small fit errors into rotations that moved the mouth corners by more than the roll it removed.
-    """
-    shift = np.nanmedian(stable - stable_ref[None], axis=1) if stable.shape[1] else np.zeros((len(points), 2))
-    return points - shift[:, None, :]
-
-
 def track_points_from(
     crops: list[np.ndarray | None],
     anchor: int,
@@ -150,3 +139,15 @@ def track_points_from(
     back = track_points(crops[first : anchor + 1][::-1], 0, anchor - first + 1, seeds, fb_max_px, window_px)
     fwd = track_points(crops, anchor, last + 1, seeds, fb_max_px, window_px)
     return np.concatenate([back[::-1], fwd[1:]], axis=0)
+
+
+def texture(crop: np.ndarray, points: np.ndarray, window_px: int = 21) -> np.ndarray:
+    """Shi–Tomasi trackability (smaller eigenvalue of the gradient structure tensor over a
+    ``window_px`` window, :func:`cv2.cornerMinEigenVal`) of a grayscale crop at (N, 2) crop-pixel
+    points: (N,), 0 where a point is not finite. Near 0, Lucas–Kanade has nothing to hold on to and a
+    tracked point sticks instead of following the skin."""
+    eig = cv2.cornerMinEigenVal(crop, window_px)
+    finite = np.isfinite(points).all(axis=1)
+    ij = np.round(np.nan_to_num(points)).astype(int)
+    ij = np.clip(ij, 0, [eig.shape[1] - 1, eig.shape[0] - 1])
+    return np.where(finite, eig[ij[:, 1], ij[:, 0]], 0.0)

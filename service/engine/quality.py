@@ -21,6 +21,9 @@ class QualityLimits:
     max_multi_face_fraction: float = 0.1
     max_pose_fraction: float = 0.25
     min_valid_frames: int = 10
+    #: Head motion whose rigid fit leaves more than this (90th-percentile RMS of the stable points, in D)
+    #: counts as not removed: the task's result says so.
+    max_head_residual_d: float = 0.05
 
 
 def _ranges(mask: np.ndarray) -> str:

@@ -150,6 +150,13 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1, strict=True))
 
 
+def _stronger_side(signal: np.ndarray) -> np.ndarray:
+    """(T, 2) per-side signal → (T,) the larger side per frame (NaN where neither side has a value)."""
+    finite = np.isfinite(signal)
+    out = np.where(finite, signal, -np.inf).max(axis=1)
+    return np.where(finite.any(axis=1), out, np.nan)
+
+
 def find_segments(
     signals: dict[Task, np.ndarray],
     full_activation: dict[Task, float],
@@ -164,7 +171,7 @@ def find_segments(
 ) -> list[Segment]:
     """Find which tasks a clip contains and where (``--task auto``).
 
-    Each task's bilateral signal, in units of its full activation a1, is active where it exceeds
+    Each task's stronger-side signal, in units of its full activation a1, is active where it exceeds
     ``active_fraction`` of its clip maximum (and that maximum exceeds the noise floor a0). Every active
     frame goes to the task with the largest relative activation; runs shorter than ``min_duration_s`` go,
     runs of one task closer than ``merge_gap_s`` merge, and a run next to a much stronger run of another
@@ -176,7 +183,9 @@ def find_segments(
     rel = {}
     active = {}
     for task in tasks:
-        sig = smooth(np.nanmean(signals[task], axis=1), width)
+        # Either side moving is a movement: the stronger side's signal, not the bilateral mean, which a
+        # still (palsied) half would halve.
+        sig = smooth(_stronger_side(signals[task]), width)
         rel[task] = sig / full_activation[task]
         top = np.nanmax(sig) if np.isfinite(sig).any() else 0.0
         active[task] = (

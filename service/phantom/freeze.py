@@ -107,6 +107,34 @@ def scale_frames(
         yield np.rint(moved.astype(np.float32) * m + f.astype(np.float32) * (1.0 - m)).astype(np.uint8)
 
 
+def freeze_frames_in_head_frame(
+    frames: Iterator[np.ndarray], reference: np.ndarray, mask: np.ndarray, ref_landmarks: np.ndarray
+) -> Iterator[np.ndarray]:
+    """Like :func:`freeze_frames`, but the frozen half moves RIGIDLY WITH THE HEAD, as a palsied half does:
+    each frame's head motion since ``reference`` (a robust 2-D similarity of FaceMesh's expression-stable
+    landmarks, frame landmarks vs ``ref_landmarks`` (478, 3) px) carries the reference pixels and the mask
+    along before blending. Frames without a face reuse the last motion."""
+    from service.engine import headmotion as hm
+    from service.engine.landmarks import FaceMeshDetector
+
+    stable = list(hm.STABLE_ALL)
+    src = np.asarray(ref_landmarks, dtype=np.float32)[stable, :2]
+    h, w = mask.shape
+    sim = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    with FaceMeshDetector(static=False) as det:
+        for f in frames:
+            lm, faces = det.detect(f)
+            if lm is not None and faces == 1:
+                fit, _ = cv2.estimateAffinePartial2D(src, lm[stable, :2].astype(np.float32), method=cv2.LMEDS)
+                if fit is not None:
+                    sim = fit
+            ref = cv2.warpAffine(
+                reference, sim, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+            )
+            m = cv2.warpAffine(mask, sim, (w, h), flags=cv2.INTER_LINEAR)
+            yield next(freeze_frames(iter([f]), ref, m))
+
+
 def _decode(path: Path) -> tuple[Generator[np.ndarray, None, None], float, int, int]:
     import av
 
@@ -138,6 +166,8 @@ def freeze_half(
     dilate: float = 1.15,
     feather_px: float = 4.0,
     amplitude: float = 0.0,
+    in_head_frame: bool = False,
+    head_motion: Any = None,
 ) -> dict[str, Any]:
     """Write a copy of a real clip whose ``side`` half of the face is frozen at the first frame (or, with
     ``amplitude`` > 0, keeps only that fraction of its motion; see the module docstring).
@@ -154,6 +184,12 @@ def freeze_half(
         "mp4" (H.264) or "dicom" (Video Photographic Image wrapping the MP4).
     amplitude
         Fraction of the half's motion kept, in [0, 1): 0 freezes it (exact first-frame pixels).
+    in_head_frame
+        Freeze the half in the HEAD's frame (it follows the clip's own head motion rigidly,
+        :func:`freeze_frames_in_head_frame`) instead of the image's; amplitude must be 0.
+    head_motion
+        A :class:`service.phantom.head.HeadMotionSpec` laid over the result (the frozen half moves with
+        the head, as a palsied half does), or None.
 
     Returns
     -------
@@ -166,6 +202,8 @@ def freeze_half(
         raise InvalidParameterError(f"fmt must be 'mp4' or 'dicom', got {fmt!r}")
     if not 0.0 <= amplitude < 1.0:
         raise InvalidParameterError(f"amplitude must be in [0, 1) (0: frozen), got {amplitude}")
+    if in_head_frame and amplitude:
+        raise InvalidParameterError("in_head_frame freezes the half (amplitude 0); got amplitude {amplitude}")
     clip_path, out_path = Path(clip_path), Path(out_path)
     frames, fps, w, h = _decode(clip_path)
     try:
@@ -186,8 +224,16 @@ def freeze_half(
         yield from frames
 
     def counted() -> Iterator[np.ndarray]:
-        blended = (freeze_frames(all_frames(), first, mask) if amplitude == 0.0
-                   else scale_frames(all_frames(), first, mask, amplitude))
+        if in_head_frame:
+            blended = freeze_frames_in_head_frame(all_frames(), first, mask, lm)
+        elif amplitude == 0.0:
+            blended = freeze_frames(all_frames(), first, mask)
+        else:
+            blended = scale_frames(all_frames(), first, mask, amplitude)
+        if head_motion is not None and not head_motion.still:
+            from service.phantom.head import apply_head_motion_to_clip
+
+            blended = apply_head_motion_to_clip(blended, head_motion, fps, mfields.eye_distance(lm))
         for f in blended:
             count[0] += 1
             yield f
@@ -216,7 +262,10 @@ def freeze_half(
         "kind": "freeze_half",
         "frozen_side": side.value,
         "amplitude": amplitude,
+        "in_head_frame": in_head_frame,
+        "head_motion": None if head_motion is None else head_motion.to_json(),
         "expected_weaker_side": side.value,
+        "expected_asymmetry_index": 1.0 if amplitude == 0.0 else None,
         "source": str(clip_path),
         "fps": fps,
         "n_frames": count[0],

@@ -58,7 +58,8 @@ def measure(task: Task, rest: np.ndarray, peak: np.ndarray):
     params = pl.EngineParams(pixel_tracking=False)
     norm = np.stack([rest, peak])
     seg = tk.Segment(task, 1, 1, 0, 0)
-    return pl._measure(seg, None, norm, np.array([True, True]), None, 1.0, params, True)
+    pts = np.concatenate([norm, np.zeros(norm.shape[:2] + (1,))], axis=2)  # flat "pixels", for head motion
+    return pl._measure(seg, pts, norm, np.array([True, True]), None, 1.0, params, True)
 
 
 def assert_scores(s, **expected):
