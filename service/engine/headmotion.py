@@ -4,20 +4,21 @@ Patients move their heads while they smile, strain to close an eye or raise thei
 measured in the image is expression plus head motion; this module removes the second part so that what
 is measured is the face's movement in the HEAD's own frame at rest:
 
-* **Yaw and pitch** come from a robust 3-D similarity (Umeyama, with iteratively reweighted Tukey
-  weights) of FaceMesh's 3-D landmarks on expression-stable points, from the rest pose to each frame.
-  FaceMesh's mesh is a whole-face model: it sees out-of-plane turns that 2-D points cannot, and a
-  weak-perspective fit to tracked pixels (parallax alone) was measured unstable (7–15° of spurious pitch
-  on compact point sets).
-* **Roll, scale and shift** are fitted on the same stable points as TRACKED IN THE PIXELS
-  (Lucas–Kanade), with a Tukey-reweighted 2-D similarity, after yaw and pitch have been applied to
-  their rest positions. Pixels, not landmarks, because FaceMesh's shape prior drags the mesh with the
-  expression (measured on warped phantoms: about 1° of spurious roll and 2° of pitch at a smile's peak)
+* **The rotation** starts from a robust 3-D similarity (Umeyama, with iteratively reweighted Tukey
+  weights) of FaceMesh's 3-D landmarks on expression-stable points, from the rest pose to each frame:
+  FaceMesh's mesh sees out-of-plane turns that 2-D points alone see poorly (a free weak-perspective fit
+  to tracked pixels was measured unstable: 7–15° of spurious pitch on compact point sets).
+* **Roll, scale, shift and what the mesh missed of yaw and pitch** are then fitted on the same stable
+  points as TRACKED IN THE PIXELS (Lucas–Kanade), with Tukey-reweighted least squares, after the mesh's
+  yaw and pitch have been applied to their rest positions: a 2-D similarity plus the linear parallax
+  that a residual turn gives points at different depths. Pixels, not landmarks, because FaceMesh's
+  shape prior drags the mesh with the expression (measured on warped phantoms: about 1° of spurious roll
+  and 2° of pitch at a smile's peak), reads only part of a head turn (20–50 % of a rendered 10° yaw),
   and a palsied half, moving rigidly with the head, must read as still. Where the stable points have no
   texture to track (fewer than :data:`MIN_TEXTURED_POINTS` above :data:`MIN_TEXTURE`, e.g. a smooth
   forehead), tracked points stick and under-read roll (measured gain 0.89 on a real clip, which moves
-  the mouth corners sideways by the error times a lever of about 1.2 D); then the mesh's roll is kept
-  and only scale and shift are fitted on the pixels.
+  the mouth corners sideways by the error times a lever of about 1.2 D); then the mesh's rotation is
+  kept whole and only scale and shift are fitted on the pixels.
 * A measured point's head-frame position solves ``M_t[:, :2] h = p − c_t − M_t[:, 2] z`` (``M_t`` the
   fitted 2×3 weak-perspective camera, ``z`` the point's FaceMesh depth at rest): the movement is taken
   to lie in the head's frontal plane, which holds for the commissure, lids and brows to first order.
@@ -168,11 +169,11 @@ def _tukey(res: np.ndarray) -> np.ndarray:
     return np.asarray(np.clip(1.0 - (res / c) ** 2, 0.0, None) ** 2)
 
 
-def _robust_similarity_2d(
-    src: np.ndarray, dst: np.ndarray, *, rotate: bool, iterations: int = 5
+def _scale_shift(
+    src: np.ndarray, dst: np.ndarray, iterations: int = 5
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Tukey-IRLS fit ``dst ≈ s Rθ src + c`` on (K, 2) points (θ ≡ 0 unless ``rotate``: scale and shift
-    only). Returns the 2×3 matrix and the inlier mask (weight > 0), or None with < 3 inliers."""
+    """Tukey-IRLS fit ``dst ≈ s · src + c`` on (K, 2) points: the 2×3 matrix and the inlier mask
+    (weight > 0), or None with < 3 inliers."""
     w = np.ones(len(src))
     for _ in range(iterations + 1):
         if (w > 0).sum() < 3:
@@ -180,13 +181,36 @@ def _robust_similarity_2d(
         wn = w / w.sum()
         ms, md = wn @ src, wn @ dst
         a, b = src - ms, dst - md
-        num_c = float(np.sum(wn * (a[:, 0] * b[:, 0] + a[:, 1] * b[:, 1])))
-        num_s = float(np.sum(wn * (a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]))) if rotate else 0.0
-        den = max(float(np.sum(wn[:, None] * a * a)), 1e-12)
-        m2 = np.array([[num_c, -num_s], [num_s, num_c]]) / den
-        c = md - m2 @ ms
-        w = _tukey(np.linalg.norm(dst - (src @ m2.T + c), axis=1))
-    return np.column_stack([m2, c]), w > 0
+        s = float(np.sum(wn[:, None] * a * b)) / max(float(np.sum(wn[:, None] * a * a)), 1e-12)
+        c = md - s * ms
+        w = _tukey(np.linalg.norm(dst - (s * src + c), axis=1))
+    return np.array([[s, 0.0, c[0]], [0.0, s, c[1]]]), w > 0
+
+
+def _similarity_with_parallax(
+    src: np.ndarray, dst: np.ndarray, iterations: int = 5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Tukey-IRLS fit of ``dst (K, 2) ≈ cam · src (K, 3) + c`` with ``cam = [[a, −b, g], [b, a, h]]``: a
+    2-D similarity (roll, scale) of x, y plus the parallax ``(g, h) · z`` that a small residual yaw and
+    pitch give points at different depths (linearised: first order in the residual angles). Returns
+    (cam, c, inlier mask), or None with < 5 inliers."""
+    n = len(src)
+    x, y, z = src[:, 0], src[:, 1], src[:, 2]
+    zero, one = np.zeros(n), np.ones(n)
+    design = np.vstack([
+        np.column_stack([x, -y, z, zero, one, zero]),
+        np.column_stack([y, x, zero, z, zero, one]),
+    ])
+    rhs = np.concatenate([dst[:, 0], dst[:, 1]])
+    w = np.ones(n)
+    for _ in range(iterations + 1):
+        if (w > 0).sum() < 5:
+            return None
+        sw = np.sqrt(np.concatenate([w, w]))
+        (a, b, g, h, cx, cy), *_ = np.linalg.lstsq(design * sw[:, None], rhs * sw, rcond=None)
+        cam, c = np.array([[a, -b, g], [b, a, h]]), np.array([cx, cy])
+        w = _tukey(np.linalg.norm(dst - (src @ cam.T + c), axis=1))
+    return cam, c, w > 0
 
 
 #: Shi–Tomasi trackability (:func:`service.engine.pixels.texture`, grey levels² over a 21-px window) above
@@ -198,25 +222,26 @@ MIN_TEXTURED_POINTS = 6
 
 
 def _camera(
-    rest: np.ndarray, dst: np.ndarray, rotation: np.ndarray, roll_from_pixels: bool
+    rest: np.ndarray, dst: np.ndarray, rotation: np.ndarray, from_pixels: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Weak-perspective camera ``dst (K, 2) ≈ cam · rest (K, 3) + c`` with ``cam = s · R[:2]`` (2×3).
+    """Weak-perspective camera ``dst (K, 2) ≈ cam · rest (K, 3) + c`` (cam ≈ s · R[:2], 2×3).
 
-    Yaw and pitch always come from the mesh's ``rotation``. With ``roll_from_pixels`` the in-plane part
-    (roll, scale, shift) is a robust 2-D similarity of the out-of-plane-rotated rest points onto the
-    tracked ones; otherwise the mesh's roll is kept and only scale and shift are fitted. Returns
-    (cam, c, inlier mask) or None."""
-    if roll_from_pixels:
+    The mesh's ``rotation`` is the start. With ``from_pixels`` its yaw and pitch are applied to the rest
+    points and the tracked pixels fit the rest: roll, scale, shift and the parallax of what yaw and pitch
+    the mesh missed (:func:`_similarity_with_parallax`; FaceMesh reads only part of a head turn: measured
+    20–50 % of a rendered 10° yaw). Otherwise the whole mesh rotation is kept and only scale and shift
+    are fitted on the pixels. Returns (cam, c, inlier mask) or None."""
+    if from_pixels:
         oop = out_of_plane(rotation)
-        fit = _robust_similarity_2d((rest @ oop.T)[:, :2], dst, rotate=True)
+        fit = _similarity_with_parallax(rest @ oop.T, dst)
         if fit is None:
             return None
-        m, inl = fit
-        return m[:, :2] @ oop[:2], m[:, 2], inl
-    fit = _robust_similarity_2d((rest @ rotation.T)[:, :2], dst, rotate=False)
-    if fit is None:
+        cam, c, inl = fit
+        return cam @ oop, c, inl
+    scaled = _scale_shift((rest @ rotation.T)[:, :2], dst)
+    if scaled is None:
         return None
-    m, inl = fit
+    m, inl = scaled
     return m[0, 0] * rotation[:2], m[:, 2], inl
 
 
@@ -232,7 +257,7 @@ def to_head_frame(
     rotations: np.ndarray,
     eye_distance: float,
     *,
-    roll_from_pixels: bool,
+    from_pixels: bool,
     max_residual_d: float = 0.05,
 ) -> HeadFrame:
     """Remove the head's rigid motion from tracked points.
@@ -252,9 +277,9 @@ def to_head_frame(
         not finite is left NaN.
     eye_distance
         D at rest in these pixels (for the figures in D).
-    roll_from_pixels
-        Fit roll on the tracked stable points (they have texture, :data:`MIN_TEXTURE`) rather than take
-        the mesh's.
+    from_pixels
+        Fit roll and refine yaw and pitch on the tracked stable points (they have texture,
+        :data:`MIN_TEXTURE`) rather than take the mesh's rotation whole.
     max_residual_d
         Above this 90th-percentile residual (RMS of the stable inliers, D) the motion counts as not
         corrected.
@@ -272,7 +297,7 @@ def to_head_frame(
         if ok.sum() < 5 or not np.isfinite(rotations[t]).all():
             continue
         src3, dst = stable_rest[ok], stable[t][ok]
-        fit = _camera(src3, dst, rotations[t], roll_from_pixels)
+        fit = _camera(src3, dst, rotations[t], from_pixels)
         if fit is None:
             continue
         cam, c, inl = fit

@@ -274,7 +274,7 @@ def _pixel_displacements(
     d_crop = d_px * crops.scale
     head = hm.to_head_frame(
         tracked, z[indices], st_tracked, st_rest, rotations, d_crop,
-        roll_from_pixels=textured >= hm.MIN_TEXTURED_POINTS, max_residual_d=max_residual_d,
+        from_pixels=textured >= hm.MIN_TEXTURED_POINTS, max_residual_d=max_residual_d,
     )
     rest = _nanmedian(head.positions[rest_rel])  # a point lost before rest stays NaN (counted as lost)
     disp = head.positions - rest

@@ -107,32 +107,64 @@ def scale_frames(
         yield np.rint(moved.astype(np.float32) * m + f.astype(np.float32) * (1.0 - m)).astype(np.uint8)
 
 
+#: Upper-face landmarks outlining where the head's motion is read for a freeze in the head's frame:
+#: forehead, temples, brows' upper edge, nasal bridge — still during a smile.
+_UPPER_FACE = (10, 109, 338, 67, 297, 103, 332, 54, 284, 21, 251, 70, 300, 105, 334, 168, 6, 197)
+
+
+def _upper_face_corners(gray: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """Shi–Tomasi corners (K, 2) inside the hull of :data:`_UPPER_FACE` (the skin the head carries)."""
+    hull = cv2.convexHull(np.round(landmarks[list(_UPPER_FACE), :2]).astype(np.int32))
+    mask = np.zeros(gray.shape, np.uint8)
+    cv2.fillConvexPoly(mask, hull, (255,))
+    pts = cv2.goodFeaturesToTrack(gray, maxCorners=300, qualityLevel=0.005, minDistance=4, mask=mask)
+    return np.zeros((0, 2), np.float32) if pts is None else pts.reshape(-1, 2).astype(np.float32)
+
+
 def freeze_frames_in_head_frame(
     frames: Iterator[np.ndarray], reference: np.ndarray, mask: np.ndarray, ref_landmarks: np.ndarray
 ) -> Iterator[np.ndarray]:
-    """Like :func:`freeze_frames`, but the frozen half moves RIGIDLY WITH THE HEAD, as a palsied half does:
-    each frame's head motion since ``reference`` (a robust 2-D similarity of FaceMesh's expression-stable
-    landmarks, frame landmarks vs ``ref_landmarks`` (478, 3) px) carries the reference pixels and the mask
-    along before blending. Frames without a face reuse the last motion."""
-    from service.engine import headmotion as hm
-    from service.engine.landmarks import FaceMeshDetector
+    """Like :func:`freeze_frames`, but the frozen half moves RIGIDLY WITH THE HEAD, as a palsied half does.
 
-    stable = list(hm.STABLE_ALL)
-    src = np.asarray(ref_landmarks, dtype=np.float32)[stable, :2]
+    The head's motion since ``reference`` is read from the pixels of the upper face (forehead, temples,
+    brows, nasal bridge: still during a smile): Shi–Tomasi corners found there in ``reference``
+    (``ref_landmarks`` (478, 3) px outline the region) are tracked frame to frame by Lucas–Kanade with a
+    forward–backward check, and a RANSAC 2-D similarity reference → frame carries the reference pixels and
+    the mask along before blending. Not FaceMesh's landmarks: their fit follows the expression (measured
+    on ``single_face.mp4``: −4 % "scale" at the smile's peak), which would move the frozen half. Not the
+    engine's estimator either (landmark-seeded points, mesh rotation), so the truth does not borrow it.
+    Frames where the fit fails reuse the last motion.
+    """
     h, w = mask.shape
+    ref_gray = cv2.cvtColor(reference, cv2.COLOR_RGB2GRAY)
+    src = _upper_face_corners(ref_gray, ref_landmarks)
+    cur, prev = src.copy(), ref_gray
+    alive = np.ones(len(src), bool)
     sim = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    with FaceMeshDetector(static=False) as det:
-        for f in frames:
-            lm, faces = det.detect(f)
-            if lm is not None and faces == 1:
-                fit, _ = cv2.estimateAffinePartial2D(src, lm[stable, :2].astype(np.float32), method=cv2.LMEDS)
+    lk = {"winSize": (21, 21), "maxLevel": 3}
+    for f in frames:
+        gray = cv2.cvtColor(f, cv2.COLOR_RGB2GRAY)
+        if alive.sum() >= 6:
+            p0 = cur[alive].reshape(-1, 1, 2)
+            p1, st1, _ = cv2.calcOpticalFlowPyrLK(prev, gray, p0, None, **lk)  # type: ignore[call-overload]
+            p2, st2, _ = cv2.calcOpticalFlowPyrLK(gray, prev, p1, None, **lk)  # type: ignore[call-overload]
+            fb = np.linalg.norm((p2 - p0).reshape(-1, 2), axis=1)
+            ok = (st1.ravel() == 1) & (st2.ravel() == 1) & (fb < 1.0)
+            idx = np.flatnonzero(alive)
+            cur[idx[ok]] = p1.reshape(-1, 2)[ok]
+            alive[idx[~ok]] = False
+            if alive.sum() >= 6:
+                fit, _ = cv2.estimateAffinePartial2D(
+                    src[alive], cur[alive], method=cv2.RANSAC, ransacReprojThreshold=1.0
+                )
                 if fit is not None:
                     sim = fit
-            ref = cv2.warpAffine(
-                reference, sim, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-            )
-            m = cv2.warpAffine(mask, sim, (w, h), flags=cv2.INTER_LINEAR)
-            yield next(freeze_frames(iter([f]), ref, m))
+        prev = gray
+        ref = cv2.warpAffine(
+            reference, sim, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        m = cv2.warpAffine(mask, sim, (w, h), flags=cv2.INTER_LINEAR)
+        yield next(freeze_frames(iter([f]), ref, m))
 
 
 def _decode(path: Path) -> tuple[Generator[np.ndarray, None, None], float, int, int]:

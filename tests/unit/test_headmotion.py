@@ -52,8 +52,8 @@ def test_frontalize_removes_rigid_motion_and_keeps_expression() -> None:
     assert np.allclose(out[1] - rest, expression, atol=1e-6)
 
 
-@pytest.mark.parametrize("roll_from_pixels", [True, False])
-def test_to_head_frame_recovers_displacements_under_roll_yaw_pitch_scale(roll_from_pixels: bool) -> None:
+@pytest.mark.parametrize("from_pixels", [True, False])
+def test_to_head_frame_recovers_displacements_under_roll_yaw_pitch_scale(from_pixels: bool) -> None:
     stable = _head(30, seed=2)
     measured = _head(8, seed=3)
     motion = np.zeros((8, 2))
@@ -72,7 +72,7 @@ def test_to_head_frame_recovers_displacements_under_roll_yaw_pitch_scale(roll_fr
         rots.append(rot)
     head = hm.to_head_frame(
         np.array(pts), measured[:, 2], np.array(st), stable, np.array(rots), 100.0,
-        roll_from_pixels=roll_from_pixels,
+        from_pixels=from_pixels,
     )
     assert np.allclose(head.positions[0], measured[:, :2], atol=1e-6)
     for k in (1, 2):
@@ -88,7 +88,7 @@ def test_to_head_frame_with_no_fittable_frame_reports_no_motion_not_nan() -> Non
     nan = np.full((2, 30, 2), np.nan)
     head = hm.to_head_frame(
         np.zeros((2, 4, 2)), np.zeros(4), nan, _head(30), np.full((2, 3, 3), np.nan), 100.0,
-        roll_from_pixels=True,
+        from_pixels=True,
     )
     assert head.motion is None and np.isnan(head.positions).all()
 
@@ -98,6 +98,22 @@ def test_a_frame_the_stable_points_do_not_fit_is_flagged_not_corrected() -> None
     frames = np.stack([stable[:, :2], stable[:, :2] + np.random.default_rng(5).normal(0, 15, (30, 2))])
     head = hm.to_head_frame(
         frames[:, :4], stable[:4, 2], frames, stable, np.stack([np.eye(3)] * 2), 100.0,
-        roll_from_pixels=True, max_residual_d=0.05,
+        from_pixels=True, max_residual_d=0.05,
     )
     assert head.motion is not None and head.motion.residual_d > 0.05 and not head.motion.corrected
+
+
+def test_pixels_correct_a_mesh_that_under_reads_a_head_turn() -> None:
+    """FaceMesh reads part of a turn; with textured stable points the parallax fit recovers the rest."""
+    stable = _head(30, seed=6)
+    measured = _head(6, seed=7)
+    true_rot = _rot(10, -8, 3)
+    mesh_rot = np.stack([np.eye(3), _rot(4, -3, 3)])  # the mesh saw 40 % of the yaw and pitch
+    st = np.stack([stable[:, :2], stable @ true_rot[:2].T])
+    pts = np.stack([measured[:, :2], measured @ true_rot[:2].T])
+    fixed = hm.to_head_frame(pts, measured[:, 2], st, stable, mesh_rot, 100.0, from_pixels=True)
+    mesh_only = hm.to_head_frame(pts, measured[:, 2], st, stable, mesh_rot, 100.0, from_pixels=False)
+    err_fixed = np.abs(fixed.positions[1] - measured[:, :2]).max()
+    err_mesh = np.abs(mesh_only.positions[1] - measured[:, :2]).max()
+    assert err_fixed < 0.5  # px, on a 100-px D: first order in the 6° the mesh missed
+    assert err_mesh > 4 * err_fixed

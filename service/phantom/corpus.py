@@ -1,0 +1,237 @@
+"""The validation corpus: clips with known truth, on several faces, with and without head motion.
+
+FaceSym is judged on faces and motions it was not tuned on. Every case belongs to a split:
+
+* ``tune``: the material the head-motion design and its constants were developed on — the demo face
+  (``service/phantom/data/demo_face.jpg``) and the real clip ``single_face.mp4``;
+* ``validation``: everything else — scikit-image's astronaut, matplotlib's grace_hopper (glasses: smile
+  only), the first frame of ``face_noface.mov`` as a still face, and the face part of ``face_noface.mov``
+  (its frames up to where FaceMesh first loses the face) as a second real clip.
+
+Kinds of case and how their truth is defined:
+
+* ``warp``: a still photo animated by a thin-plate warp (:mod:`service.phantom.render`); each side's
+  amplitude is set, so the truth is AI = |L − R| / max(L, R) and the weaker side the smaller one.
+* ``healthy``: a real clip of a healthy person as recorded. No exact truth: a healthy face is expected to
+  read AI < 0.3 (the false-alarm threshold), whatever the head does.
+* ``freeze``: a real clip with one half of the face frozen IN THE HEAD'S FRAME (the half moves rigidly with
+  the head, as a palsied half does; :func:`service.phantom.freeze.freeze_half`): truth AI 1, the frozen
+  side weaker. Analysed with ``--task auto``: the movement must be found as well as measured.
+
+Head motion (:mod:`service.phantom.head`) is laid over any case: rigid, so it leaves the truth unchanged.
+``MOTIONS`` lists the variants; ``off`` is the clip as made.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.domain import Side, Task
+from service.phantom.head import HeadMotionSpec, apply_head_motion, apply_head_motion_to_clip
+from service.phantom.render import PhantomSpec, TaskMotion, load_face, render
+
+#: Head-motion variants. ``inplane`` and ``turn`` are the limits the engine is specified for (issue 12:
+#: ±6° roll, ±7 % scale, ±10° yaw and pitch); ``roll5`` is the real-clip check (±5° roll).
+MOTIONS: dict[str, HeadMotionSpec] = {
+    "off": HeadMotionSpec(),
+    "inplane": HeadMotionSpec(roll_deg=6.0, scale_pct=7.0, shift_d=0.15),
+    "turn": HeadMotionSpec(yaw_deg=10.0, pitch_deg=10.0),
+    "roll5": HeadMotionSpec(roll_deg=5.0),
+}
+#: Full amplitude per task (D for smile and brow raise, closure fraction for the eye), as in the
+#: phantom tests: what the warp renders cleanly.
+FULL: dict[Task, float] = {Task.SMILE: 0.25, Task.EYE_CLOSURE: 0.45, Task.BROW_RAISE: 0.12}
+#: Per-side relative amplitudes (left, right): symmetric, AI 0.3 right weaker, AI 0.6 left weaker,
+#: AI 1 right still.
+AMPLITUDES: tuple[tuple[float, float], ...] = ((1.0, 1.0), (1.0, 0.7), (0.4, 1.0), (1.0, 0.0))
+
+#: Still faces: (split, tasks the face supports).
+PHOTOS: dict[str, tuple[str, tuple[Task, ...]]] = {
+    "man": ("tune", tuple(Task)),
+    "astronaut": ("validation", tuple(Task)),
+    "fnf_frame": ("validation", tuple(Task)),
+    "grace_hopper": ("validation", (Task.SMILE,)),
+}
+#: Real clips: split.
+CLIPS: dict[str, str] = {"single_face": "tune", "face_noface": "validation"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One clip of the corpus (see the module docstring for the kinds and their truth)."""
+
+    name: str
+    split: str
+    kind: str
+    source: str
+    task: Task
+    motion: str
+    left: float = 1.0
+    right: float = 1.0
+    frozen: Side | None = None
+
+    @property
+    def truth_ai(self) -> float | None:
+        if self.kind == "healthy":
+            return None
+        if self.kind == "freeze":
+            return 1.0
+        return TaskMotion(self.task, self.left, self.right).expected_asymmetry_index
+
+    @property
+    def truth_weaker(self) -> str | None:
+        if self.kind == "freeze":
+            return None if self.frozen is None else self.frozen.value
+        if self.kind == "healthy":
+            return None
+        weaker = TaskMotion(self.task, self.left, self.right).weaker_side
+        return None if weaker is None else weaker.value
+
+    @property
+    def analyse_task(self) -> Task | None:
+        """The task given to the engine: None (``--task auto``) for frozen halves, which must be found."""
+        return None if self.kind == "freeze" else self.task
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "split": self.split, "kind": self.kind, "source": self.source,
+            "task": self.task.value, "motion": self.motion, "head_motion": MOTIONS[self.motion].to_json(),
+            "left": self.left, "right": self.right,
+            "frozen": None if self.frozen is None else self.frozen.value,
+            "truth_ai": self.truth_ai, "truth_weaker": self.truth_weaker,
+            "analyse_task": None if self.analyse_task is None else self.analyse_task.value,
+        }
+
+
+def cases(motions: tuple[str, ...] = ("off", "inplane", "turn")) -> list[Case]:
+    """Every case of the corpus with each of ``motions``; the real healthy clips also get ``roll5``."""
+    out = []
+    for motion in motions:
+        for face, (split, tasks) in PHOTOS.items():
+            for task in tasks:
+                for left, right in AMPLITUDES:
+                    name = f"{face}-{task.value}-{left:g}-{right:g}-{motion}"
+                    out.append(Case(name, split, "warp", face, task, motion, left, right))
+        for clip, split in CLIPS.items():
+            out.append(Case(f"{clip}-healthy-{motion}", split, "healthy", clip, Task.SMILE, motion))
+            for side in Side:
+                out.append(Case(
+                    f"{clip}-frozen-{side.value}-{motion}", split, "freeze", clip, Task.SMILE, motion,
+                    frozen=side,
+                ))
+    for clip, split in CLIPS.items():
+        out.append(Case(f"{clip}-healthy-roll5", split, "healthy", clip, Task.SMILE, "roll5"))
+    return out
+
+
+# ------------------------------------------------------------------------------------- sources
+def photo_path(face: str, faces_dir: Path, work_dir: Path) -> Path:
+    """The image file of a still face (``fnf_frame`` is extracted into ``work_dir`` once)."""
+    if face == "man":
+        return Path(__file__).resolve().parent / "data" / "demo_face.jpg"
+    if face == "astronaut":
+        import skimage
+
+        return Path(skimage.__file__).parent / "data" / "astronaut.png"
+    if face == "grace_hopper":
+        import matplotlib
+
+        return Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if face == "fnf_frame":
+        out = work_dir / "sources" / "face_noface-frame0.png"
+        if not out.exists():
+            import cv2
+
+            frame = next(_decode(faces_dir / "face_noface.mov"))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(out), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        return out
+    raise ValueError(f"unknown face {face!r}")
+
+
+def clip_path(clip: str, faces_dir: Path, work_dir: Path) -> Path:
+    """The real clip ``clip``; ``face_noface`` is cut (once, into ``work_dir``) to its frames before
+    FaceMesh first loses the face, so that the clip is analysable."""
+    if clip == "single_face":
+        return faces_dir / "single_face.mp4"
+    if clip != "face_noface":
+        raise ValueError(f"unknown clip {clip!r}")
+    out = work_dir / "sources" / "face_noface-face-part.mp4"
+    if not out.exists():
+        from service.engine.landmarks import FaceMeshDetector
+        from service.media.encode import encode_mp4
+
+        src = faces_dir / "face_noface.mov"
+        kept = []
+        with FaceMeshDetector(static=False) as det:
+            for frame in _decode(src):
+                lm, faces = det.detect(frame)
+                if lm is None or faces != 1:
+                    break
+                kept.append(frame)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(encode_mp4(iter(kept), _fps(src)))
+    return out
+
+
+def _decode(path: Path) -> Iterator[np.ndarray]:
+    import av
+
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            rgb = frame.to_ndarray(format="rgb24")
+            yield np.ascontiguousarray(rgb[: rgb.shape[0] // 2 * 2, : rgb.shape[1] // 2 * 2])
+
+
+def _fps(path: Path) -> float:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return float(stream.average_rate or stream.guessed_rate or 30.0)
+
+
+# ------------------------------------------------------------------------------------- making
+def make_case(case: Case, faces_dir: Path, work_dir: Path) -> Path:
+    """Write the case's clip (H.264 MP4) and its truth JSON into ``work_dir``; returns the clip's path.
+    Existing files are kept (the corpus is made once, then analysed by any engine version)."""
+    from service.media.encode import encode_mp4
+    from service.phantom.freeze import freeze_half
+
+    out = work_dir / f"{case.name}.mp4"
+    spec = MOTIONS[case.motion]
+    if out.exists():
+        pass
+    elif case.kind == "warp":
+        face = load_face(photo_path(case.source, faces_dir, work_dir))
+        full = FULL[case.task]
+        ph = render(face, PhantomSpec(motions=(TaskMotion(case.task, full * case.left, full * case.right),)))
+        depth = face.landmarks[:, 2]
+        meshes = (np.column_stack([ph.expected_landmarks(k), depth]) for k in range(ph.n_frames))
+        frames = apply_head_motion(ph.frames(), spec, ph.fps, face.eye_distance, meshes)
+        out.write_bytes(encode_mp4(frames, ph.fps))
+    elif case.kind == "freeze":
+        assert case.frozen is not None
+        src = clip_path(case.source, faces_dir, work_dir)
+        freeze_half(src, case.frozen, out, in_head_frame=True, head_motion=None if spec.still else spec)
+    else:
+        from service.phantom.motion import eye_distance
+
+        src = clip_path(case.source, faces_dir, work_dir)
+        fps = _fps(src)
+        from service.engine.landmarks import detect_image
+
+        first = next(_decode(src))
+        lm = detect_image(first)
+        if lm is None:
+            raise ValueError(f"{src}: no face in the first frame")
+        frames = apply_head_motion_to_clip(_decode(src), spec, fps, eye_distance(lm))
+        out.write_bytes(encode_mp4(frames, fps))
+    out.with_suffix(".json").write_text(json.dumps(case.to_json(), indent=1))
+    return out
