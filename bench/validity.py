@@ -53,6 +53,7 @@ def analyse(corpus: Path, out: Path) -> None:
             **case, "found": found, "ok": bool(doc["quality"]["ok"]), "error": error,
             "ai": res.get("asymmetry_index"), "ci": res.get("cosine_index"),
             "weaker": res.get("weaker_side"), "method": res.get("method"),
+            "grade": (res.get("grade") or {}).get("label"),
             "seconds": round(time.perf_counter() - t0, 2),
         })
         print(f"  {case['name']}: AI {rows[-1]['ai']} weaker {rows[-1]['weaker']} found {found}",
@@ -64,6 +65,11 @@ def _percentile(v: list[float], q: float) -> float:
     import numpy as np
 
     return float(np.percentile(v, q)) if v else float("nan")
+
+
+def _mild(label: str | None) -> bool:
+    """A House–Brackmann label of grade I or II (the grader's labels end in the Roman numeral)."""
+    return label is not None and label.split()[-1] in ("I", "II")
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -86,6 +92,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, str]:
         "sym AI>0.15": f"{sum((r['ai'] or 0.0) > 0.15 for r in sym)}/{len(sym)} (max {worst_sym:.2f})",
         "healthy AI≥0.3": f"{sum(r['ai'] is None or r['ai'] >= 0.3 for r in healthy)}/{len(healthy)}",
         "frozen found": f"{len(found)}/{len(frozen)}",
+        "sym graded I–II": f"{sum(_mild(r.get('grade')) for r in sym)}/{len(sym)}",
     }
 
 
@@ -110,13 +117,14 @@ def report(rows: list[dict[str, Any]], baseline: list[dict[str, Any]] | None) ->
         return "–" if v is None else f"{v:.2f}"
 
     base = {r["name"]: r for r in baseline or []}
-    header = ["case", "split", "truth AI", "AI", "CI", "weaker (truth)", "weaker", "found"]
+    header = ["case", "split", "truth AI", "AI", "CI", "weaker (truth)", "weaker", "found", "grade"]
     if baseline:
         header += ["baseline AI", "baseline weaker"]
     body = []
     for r in rows:
         row = [r["name"], r["split"], fmt(r["truth_ai"]), fmt(r["ai"]), fmt(r["ci"]),
-               r["truth_weaker"] or "–", r["weaker"] or "–", ",".join(r["found"]) or "none"]
+               r["truth_weaker"] or "–", r["weaker"] or "–", ",".join(r["found"]) or "none",
+               r.get("grade") or "–"]
         if baseline:
             b = base.get(r["name"], {})
             row += [fmt(b.get("ai")), b.get("weaker") or "–"]

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from service import __version__
 from service.domain import Analysis, Side, Task
-from service.errors import FaceSymError, NotAnalysableError, UnreadableInputError
+from service.errors import FaceSymError, InvalidParameterError, NotAnalysableError, UnreadableInputError
 
 if TYPE_CHECKING:
     from service.engine.pipeline import EngineParams
@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--clip", help="real clip for --freeze-half")
     ph.add_argument("--amplitude", type=float, default=0.0,
                     help="with --freeze-half: fraction of that half's motion kept (0 <= A < 1; 0: frozen)")
+    ph.add_argument("--in-head-frame", action="store_true",
+                    help="with --freeze-half: the frozen half moves rigidly with the clip's head, as a "
+                    "palsied half does (amplitude 0)")
+    for axis, unit in (("roll", "degrees"), ("yaw", "degrees"), ("pitch", "degrees"), ("scale", "percent"),
+                       ("shift", "inter-eye distances")):
+        ph.add_argument(f"--{axis}", type=float, default=0.0, metavar="AMPLITUDE",
+                        help=f"head motion laid over the clip: peak {axis} ({unit}), a sinusoid (default 0)")
 
     sv = sub.add_parser("serve", help="run the DICOM service: storage SCP, scheduler and workers")
     sv.add_argument("--config", help="TOML settings file (FACESYM_* environment variables override it)")
@@ -306,11 +313,16 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     fmt = args.format or ("dicom" if out.suffix.lower() in (".dcm", ".dicom") else "mp4")
+    head = phantom.HeadMotionSpec(roll_deg=args.roll, yaw_deg=args.yaw, pitch_deg=args.pitch,
+                                  scale_pct=args.scale, shift_d=args.shift)
+    if args.in_head_frame and not args.freeze_half:
+        raise InvalidParameterError("--in-head-frame applies to --freeze-half")
     if args.freeze_half:
         if not args.clip:
             raise NotAnalysableError(["--freeze-half needs --clip PATH (a real clip)"])
         truth = phantom.freeze_half(args.clip, Side(args.freeze_half), out, fmt=fmt,
-                                    amplitude=args.amplitude)
+                                    amplitude=args.amplitude, in_head_frame=args.in_head_frame,
+                                    head_motion=head)
     else:
         motions = tuple(
             phantom.TaskMotion(task, *getattr(args, task.value))
@@ -320,7 +332,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         if not motions:
             motions = (phantom.TaskMotion(Task.SMILE, 0.25, 0.25),)
         face = phantom.load_face(args.face or _default_face())
-        truth = phantom.write_phantom(face, phantom.PhantomSpec(motions=motions), out, fmt=fmt)
+        truth = phantom.write_phantom(face, phantom.PhantomSpec(motions=motions), out, fmt=fmt,
+                                      head_motion=None if head.still else head)
     _console().print(f"wrote {out} and {out.with_suffix('.json')}")
     _console().print_json(json.dumps(truth))
     return EXIT_OK

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from service.domain import Side, Task
-from service.phantom.head import HeadMotionSpec, apply_head_motion, apply_head_motion_to_clip
-from service.phantom.render import PhantomSpec, TaskMotion, load_face, render
+from service.phantom.head import HeadMotionSpec, apply_head_motion_to_clip
+from service.phantom.render import PhantomSpec, TaskMotion, frames_with_head_motion, load_face, render
 
 #: Head-motion variants. ``inplane`` and ``turn`` are the limits the engine is specified for (issue 12:
 #: ±6° roll, ±7 % scale, ±10° yaw and pitch); ``roll5`` is the real-clip check (±5° roll).
@@ -77,12 +77,18 @@ class Case:
     frozen: Side | None = None
 
     @property
+    def task_motion(self) -> TaskMotion:
+        """The warp's per-side amplitudes in the task's unit (``left``/``right`` × :data:`FULL`)."""
+        full = FULL[self.task]
+        return TaskMotion(self.task, full * self.left, full * self.right)
+
+    @property
     def truth_ai(self) -> float | None:
         if self.kind == "healthy":
             return None
         if self.kind == "freeze":
             return 1.0
-        return TaskMotion(self.task, self.left, self.right).expected_asymmetry_index
+        return self.task_motion.expected_asymmetry_index
 
     @property
     def truth_weaker(self) -> str | None:
@@ -90,7 +96,7 @@ class Case:
             return None if self.frozen is None else self.frozen.value
         if self.kind == "healthy":
             return None
-        weaker = TaskMotion(self.task, self.left, self.right).weaker_side
+        weaker = self.task_motion.weaker_side
         return None if weaker is None else weaker.value
 
     @property
@@ -210,12 +216,8 @@ def make_case(case: Case, faces_dir: Path, work_dir: Path) -> Path:
         pass
     elif case.kind == "warp":
         face = load_face(photo_path(case.source, faces_dir, work_dir))
-        full = FULL[case.task]
-        ph = render(face, PhantomSpec(motions=(TaskMotion(case.task, full * case.left, full * case.right),)))
-        depth = face.landmarks[:, 2]
-        meshes = (np.column_stack([ph.expected_landmarks(k), depth]) for k in range(ph.n_frames))
-        frames = apply_head_motion(ph.frames(), spec, ph.fps, face.eye_distance, meshes)
-        out.write_bytes(encode_mp4(frames, ph.fps))
+        ph = render(face, PhantomSpec(motions=(case.task_motion,)))
+        out.write_bytes(encode_mp4(frames_with_head_motion(ph, spec), ph.fps))
     elif case.kind == "freeze":
         assert case.frozen is not None
         src = clip_path(case.source, faces_dir, work_dir)

@@ -463,13 +463,28 @@ def _write_json(obj: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
+def frames_with_head_motion(ph: Phantom, head_motion: Any = None) -> Iterator[np.ndarray]:
+    """The phantom's frames with a :class:`service.phantom.head.HeadMotionSpec` laid over them (the mesh
+    for yaw/pitch is the driving landmarks of each frame with the photo's FaceMesh depth)."""
+    if head_motion is None or head_motion.still:
+        return ph.frames()
+    from service.phantom.head import apply_head_motion
+
+    depth = ph.face.landmarks[:, 2]
+    meshes = (np.column_stack([ph.expected_landmarks(k), depth]) for k in range(ph.n_frames))
+    return apply_head_motion(ph.frames(), head_motion, ph.fps, ph.face.eye_distance, meshes)
+
+
 def write_phantom(
-    face: SourceFace, spec: PhantomSpec, out_path: str | Path, *, fmt: str = "mp4"
+    face: SourceFace, spec: PhantomSpec, out_path: str | Path, *, fmt: str = "mp4", head_motion: Any = None
 ) -> dict[str, Any]:
     """Render ``spec`` on ``face``, write the clip and its truth JSON beside it, return the truth.
 
     Parameters
     ----------
+    head_motion
+        A :class:`service.phantom.head.HeadMotionSpec` laid over the clip (rigid: the truth is unchanged;
+        the truth JSON records it), or None.
     out_path
         The clip's path; the truth goes to ``out_path.with_suffix(".json")``.
     fmt
@@ -483,14 +498,14 @@ def write_phantom(
     if fmt == "mp4":
         from service.media.encode import write_mp4
 
-        write_mp4(ph.frames(), out_path, ph.fps)
+        write_mp4(frames_with_head_motion(ph, head_motion), out_path, ph.fps)
     else:
         from service.media.dicom_io import build_video_photographic, write_dicom
         from service.media.encode import encode_mp4
 
         names = ", ".join(m.task.value for m in spec.motions)
         ds = build_video_photographic(
-            encode_mp4(ph.frames(), ph.fps),
+            encode_mp4(frames_with_head_motion(ph, head_motion), ph.fps),
             width=ph.width,
             height=ph.height,
             n_frames=ph.n_frames,
@@ -498,6 +513,7 @@ def write_phantom(
             series_description=f"FaceSym phantom: {names}"[:64],
         )
         write_dicom(ds, out_path)
-    truth = dict(ph.truth, format=fmt, file=out_path.name)
+    truth = dict(ph.truth, format=fmt, file=out_path.name,
+                 head_motion=None if head_motion is None else head_motion.to_json())
     _write_json(truth, out_path.with_suffix(".json"))
     return truth
