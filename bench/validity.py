@@ -143,13 +143,15 @@ def report(rows: list[dict[str, Any]], baseline: list[dict[str, Any]] | None) ->
 
 
 QUICK = ("man-smile-1-1-", "man-smile-1-0.7-", "astronaut-smile-0.4-1-", "single_face-healthy-",
-         "single_face-frozen-left-off", "face_noface-frozen-right-off")
+         "single_face-frozen-left-off", "wolfgang-frozen-right-off")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=ROOT / ".bench" / "validity")
     ap.add_argument("--faces", type=Path, default=ROOT.parent / "shared" / "data" / "faces")
+    ap.add_argument("--extra", type=Path, default=ROOT / "var" / "test-clips",
+                    help="clips of scripts/fetch_test_clips.py")
     ap.add_argument("--baseline-root", type=Path, help="another checkout whose engine is analysed too")
     ap.add_argument("--quick", action="store_true", help="a small subset (minutes, not an hour)")
     ap.add_argument("--analyse-only", type=Path, help=argparse.SUPPRESS)  # internal: the baseline's run
@@ -168,7 +170,7 @@ def main() -> int:
         if stale.stem not in {c.name for c in all_cases}:
             stale.unlink()  # a case from another selection: not analysed this time (its clip is kept)
     for case in all_cases:
-        corpus.make_case(case, args.faces, args.corpus)
+        corpus.make_case(case, corpus.Sources(args.faces, args.extra, args.corpus))
         print(f"made {case.name}", file=sys.stderr, flush=True)
     (args.corpus / "results").mkdir(exist_ok=True)
     results = args.corpus / "results" / "this.json"

@@ -40,6 +40,18 @@ def faces_dir() -> Path:
     return FACES_DIR
 
 
+@pytest.fixture(scope="session")
+def test_clips_dir() -> Path:
+    """The extra real clips of scripts/fetch_test_clips.py (var/test-clips); skips when absent, fails
+    under FACESYM_REQUIRE_PEERS=1 (.ci/run fetches them)."""
+    clips = REPO / "var" / "test-clips"
+    if not (clips / "WolfgangLanger_Pexels.mp4").is_file():
+        if os.environ.get("FACESYM_REQUIRE_PEERS") == "1":
+            pytest.fail(f"test clips not found in {clips} but FACESYM_REQUIRE_PEERS=1")
+        pytest.skip(f"test clips not found in {clips}: run scripts/fetch_test_clips.py")
+    return clips
+
+
 def in_private_netns() -> bool:
     """True when this process sees only the loopback interface (a private network namespace, as
     `.ci/run` sets up with `unshare -n`)."""

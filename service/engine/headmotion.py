@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from service.domain import HeadMotion, Task
@@ -213,12 +214,38 @@ def _similarity_with_parallax(
     return cam, c, w > 0
 
 
-#: Shi–Tomasi trackability (:func:`service.engine.pixels.texture`, grey levels² over a 21-px window) above
-#: which a stable point's pixels hold a tracker, and how many such points the in-plane fit needs. Below
-#: that (a smooth forehead, measured min-eigenvalue ≈ 0 on a real clip) Lucas–Kanade points stick to the
-#: crop and under-read roll, so the roll is taken from the mesh instead.
-MIN_TEXTURE = 1e-3
-MIN_TEXTURED_POINTS = 6
+#: How many tracked stable corners the pixel fit needs; with fewer (a face without texture where the
+#: stable points are) the mesh's rotation is kept whole and the pixels give only scale and shift.
+MIN_CORNERS = 8
+#: Corners are looked for within this radius (D) of each stable landmark: near enough to share its
+#: stillness, wide enough to find texture (an inner canthus, a nostril rim, a hairline).
+CORNER_RADIUS_D = 0.2
+
+
+def stable_corners(
+    crop: np.ndarray, centres: np.ndarray, radius_px: float, max_corners: int = 200
+) -> np.ndarray:
+    """Shi–Tomasi corners (K, 2) of a grey ``crop`` within ``radius_px`` of the (N, 2) ``centres``.
+
+    Why corners and not the stable landmarks themselves: the skin under a landmark is often smooth (a
+    forehead: measured Shi–Tomasi eigenvalue ≈ 0 on a real clip), where a Lucas–Kanade point sticks to
+    the crop instead of following the skin and under-reads roll; a corner beside it tracks.
+    """
+    mask = np.zeros(crop.shape[:2], np.uint8)
+    for c in centres:
+        if np.isfinite(c).all():
+            cv2.circle(mask, (int(round(c[0])), int(round(c[1]))), max(1, int(round(radius_px))), (255,), -1)
+    found = cv2.goodFeaturesToTrack(crop, max_corners, 0.01, 3, mask=mask)
+    return np.zeros((0, 2)) if found is None else found.reshape(-1, 2).astype(np.float64)
+
+
+def depth_at(points: np.ndarray, mesh_xy: np.ndarray, mesh_z: np.ndarray, k: int = 3) -> np.ndarray:
+    """Depth (K,) at (K, 2) ``points``: inverse-distance mean of the ``k`` nearest mesh points' z
+    (``mesh_xy`` (M, 2), ``mesh_z`` (M,), same pixels)."""
+    d = np.linalg.norm(points[:, None, :] - mesh_xy[None], axis=2)
+    idx = np.argsort(d, axis=1)[:, :k]
+    w = 1.0 / (np.take_along_axis(d, idx, axis=1) + 1e-3)
+    return np.asarray((w * mesh_z[idx]).sum(axis=1) / w.sum(axis=1))
 
 
 def _camera(

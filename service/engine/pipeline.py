@@ -22,7 +22,7 @@ from service.engine import normalize as nz
 from service.engine import tasks as tk
 from service.engine.flow import FlowParams, regional_symmetry
 from service.engine.landmarks import FaceMeshDetector, TrackBuilder
-from service.engine.pixels import CropStore, texture, track_points_from
+from service.engine.pixels import CropStore, track_points_from
 from service.engine.quality import QualityLimits, assess
 from service.engine.scores import GateThresholds, score_task
 from service.errors import NotAnalysableError
@@ -248,8 +248,9 @@ def _pixel_displacements(
 
     The points are seeded where FaceMesh puts the landmarks in frame ``anchor`` and tracked both ways
     through frames ``lo``..``hi``; rest is the median over ``rest_rel`` (relative to ``lo``). The head's
-    rigid motion (3-D rotation from the mesh, in-plane similarity from the task's pixel-tracked stable
-    points, :mod:`service.engine.headmotion`) is removed before any displacement is taken.
+    rigid motion is removed before any displacement is taken (:mod:`service.engine.headmotion`): the
+    mesh's rotation, refined on Shi–Tomasi corners found near the task's stable landmarks in the anchor
+    crop and tracked through the segment (their depth interpolated from the mesh at rest).
     """
     if crops.scale is None:
         return None
@@ -257,24 +258,33 @@ def _pixel_displacements(
     seeds = crops.to_crop(pts[anchor, indices])
     tracked = track_points_from(crops.crops, anchor, lo, hi, seeds, window_px=window_px)
     st_seeds = crops.to_crop(pts[anchor, stable])
-    st_tracked = track_points_from(crops.crops, anchor, lo, hi, st_seeds, window_px=21)
     anchor_crop = crops.crops[anchor]
-    textured = 0 if anchor_crop is None else int((texture(anchor_crop, st_seeds) >= hm.MIN_TEXTURE).sum())
     seg = pts[lo : hi + 1]
     rest_frames = [k for k in range(rest_rel.start, rest_rel.stop) if usable[lo + k]] or [rest_rel.start]
     rest3d = _nanmedian(seg[rest_frames])
-    if not np.isfinite(rest3d[stable + indices]).all():
-        return None
-    rotations = hm.rest_rotations(seg, rest3d, tuple(stable))
-    z = rest3d[:, 2] * crops.scale
-    st_rest = np.column_stack([_nanmedian(st_tracked[rest_rel]), z[stable]])
-    if not np.isfinite(st_rest).all():
+    if not np.isfinite(rest3d[stable + indices]).all() or anchor_crop is None:
         return None
     e, u, d_px = _face_axes(rest3d)
     d_crop = d_px * crops.scale
+    z = rest3d[:, 2] * crops.scale
+    corners = hm.stable_corners(anchor_crop, st_seeds, hm.CORNER_RADIUS_D * d_crop)
+    st_tracked = track_points_from(crops.crops, anchor, lo, hi, corners, window_px=21)
+    st_xy = _nanmedian(st_tracked[rest_rel])
+    keep = np.isfinite(st_xy).all(axis=1)  # a corner lost before rest cannot anchor anything
+    from_pixels = int(keep.sum()) >= hm.MIN_CORNERS
+    if from_pixels:
+        st_tracked, st_xy = st_tracked[:, keep], st_xy[keep]
+        st_z = hm.depth_at(st_xy, crops.to_crop(rest3d[:468, :2]), z[:468])
+    else:  # too little texture: the stable landmarks' own pixels, for scale and shift only
+        st_tracked = track_points_from(crops.crops, anchor, lo, hi, st_seeds, window_px=21)
+        st_xy = _nanmedian(st_tracked[rest_rel])
+        keep = np.isfinite(st_xy).all(axis=1)
+        st_tracked, st_xy, st_z = st_tracked[:, keep], st_xy[keep], z[stable][keep]
+    st_rest = np.column_stack([st_xy, st_z])
+    rotations = hm.rest_rotations(seg, rest3d, tuple(stable))
     head = hm.to_head_frame(
         tracked, z[indices], st_tracked, st_rest, rotations, d_crop,
-        from_pixels=textured >= hm.MIN_TEXTURED_POINTS, max_residual_d=max_residual_d,
+        from_pixels=from_pixels, max_residual_d=max_residual_d,
     )
     rest = _nanmedian(head.positions[rest_rel])  # a point lost before rest stays NaN (counted as lost)
     disp = head.positions - rest

@@ -139,15 +139,3 @@ def track_points_from(
     back = track_points(crops[first : anchor + 1][::-1], 0, anchor - first + 1, seeds, fb_max_px, window_px)
     fwd = track_points(crops, anchor, last + 1, seeds, fb_max_px, window_px)
     return np.concatenate([back[::-1], fwd[1:]], axis=0)
-
-
-def texture(crop: np.ndarray, points: np.ndarray, window_px: int = 21) -> np.ndarray:
-    """Shi–Tomasi trackability (smaller eigenvalue of the gradient structure tensor over a
-    ``window_px`` window, :func:`cv2.cornerMinEigenVal`) of a grayscale crop at (N, 2) crop-pixel
-    points: (N,), 0 where a point is not finite. Near 0, Lucas–Kanade has nothing to hold on to and a
-    tracked point sticks instead of following the skin."""
-    eig = cv2.cornerMinEigenVal(crop, window_px)
-    finite = np.isfinite(points).all(axis=1)
-    ij = np.round(np.nan_to_num(points)).astype(int)
-    ij = np.clip(ij, 0, [eig.shape[1] - 1, eig.shape[0] - 1])
-    return np.where(finite, eig[ij[:, 1], ij[:, 0]], 0.0)

