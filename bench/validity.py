@@ -153,6 +153,8 @@ def main() -> int:
     ap.add_argument("--extra", type=Path, default=ROOT / "var" / "test-clips",
                     help="clips of scripts/fetch_test_clips.py")
     ap.add_argument("--baseline-root", type=Path, help="another checkout whose engine is analysed too")
+    ap.add_argument("--baseline-results", type=Path,
+                    help="instead of --baseline-root: a results file an earlier --baseline-root run left")
     ap.add_argument("--quick", action="store_true", help="a small subset (minutes, not an hour)")
     ap.add_argument("--analyse-only", type=Path, help=argparse.SUPPRESS)  # internal: the baseline's run
     args = ap.parse_args()
@@ -177,7 +179,9 @@ def main() -> int:
     analyse(args.corpus, results)
     rows = json.loads(results.read_text())
     baseline = None
-    if args.baseline_root:
+    if args.baseline_results:
+        baseline = json.loads(args.baseline_results.read_text())
+    elif args.baseline_root:
         base_out = args.corpus / "results" / "baseline.json"
         env = dict(os.environ, FACESYM_ENGINE_ROOT=str(args.baseline_root.resolve()),
                    PYTHONPATH=str(args.baseline_root.resolve()))

@@ -256,7 +256,6 @@ def _pixel_displacements(
         return None
     stable = list(hm.STABLE_BY_TASK[task])
     seeds = crops.to_crop(pts[anchor, indices])
-    tracked = track_points_from(crops.crops, anchor, lo, hi, seeds, window_px=window_px)
     st_seeds = crops.to_crop(pts[anchor, stable])
     anchor_crop = crops.crops[anchor]
     seg = pts[lo : hi + 1]
@@ -282,16 +281,41 @@ def _pixel_displacements(
         st_tracked, st_xy, st_z = st_tracked[:, keep], st_xy[keep], z[stable][keep]
     st_rest = np.column_stack([st_xy, st_z])
     rotations = hm.rest_rotations(seg, rest3d, tuple(stable))
-    head = hm.to_head_frame(
-        tracked, z[indices], st_tracked, st_rest, rotations, d_crop,
-        from_pixels=from_pixels, max_residual_d=max_residual_d,
+    fit = hm.fit_head_motion(
+        st_tracked, st_rest, rotations, d_crop, from_pixels=from_pixels, max_residual_d=max_residual_d
     )
-    rest = _nanmedian(head.positions[rest_rel])  # a point lost before rest stays NaN (counted as lost)
-    disp = head.positions - rest
+    positions = _tracked_in_head_frame(crops, fit, lo, hi, anchor, seeds, z[indices], window_px)
+    rest = _nanmedian(positions[rest_rel])  # a point lost before rest stays NaN (counted as lost)
+    disp = positions - rest
     out = np.full((hi - lo + 1, len(indices), 2), np.nan)
     out[..., 0] = (disp @ e) / d_crop
     out[..., 1] = (disp @ u) / d_crop
-    return out, head.motion
+    return out, fit.motion
+
+
+def _tracked_in_head_frame(
+    crops: CropStore, fit: hm.HeadFit, lo: int, hi: int, anchor: int, seeds: np.ndarray,
+    depth: np.ndarray, window_px: int,
+) -> np.ndarray:
+    """Head-frame positions (hi − lo + 1, N, 2) of points seeded at crop positions ``seeds`` in frame
+    ``anchor``: tracked by Lucas–Kanade in crops stabilised to the head's rest frame
+    (:func:`service.engine.headmotion.stabilize`, at the points' mean depth), then mapped back through
+    the fit so each point's own depth is honoured."""
+    z_mean = float(np.mean(depth))
+    stable_crops: list[np.ndarray | None] = [None] * len(crops.crops)
+    for t in range(lo, hi + 1):
+        crop, cam = crops.crops[t], fit.cams[t - lo]
+        if crop is not None and np.isfinite(cam).all():
+            stable_crops[t] = hm.stabilize(crop, cam, fit.shifts[t - lo], z_mean)
+    cam_a, shift_a = fit.cams[anchor - lo], fit.shifts[anchor - lo]
+    if stable_crops[anchor] is None:
+        return np.full((hi - lo + 1, len(seeds), 2), np.nan)
+    seeds_h = np.linalg.solve(cam_a[:, :2], (seeds - shift_a - cam_a[:, 2] * z_mean).T).T
+    tracked_h = track_points_from(stable_crops, anchor, lo, hi, seeds_h, window_px=window_px)
+    # Back to image positions (as if tracked there), then the per-point depth solve.
+    image = np.einsum("tij,tnj->tni", fit.cams[:, :, :2], tracked_h)
+    image += (fit.shifts + fit.cams[:, :, 2] * z_mean)[:, None, :]
+    return hm.head_positions(image, depth, fit)
 
 
 def _landmark_head_motion(
