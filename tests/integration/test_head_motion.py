@@ -2,8 +2,10 @@
 corpus (:mod:`service.phantom.corpus`; ``bench/validity.py`` prints the whole of it).
 
 Thresholds are the issue's, loose enough for the machine and tight enough to fail on the engine before
-head-motion removal (commit 67dff70 read these cases: roll-5 healthy clip AI 0.72, symmetric smile with
-roll/scale 0.81, see README "What is measured").
+head-motion removal. Commit 67dff70 read these cases: the healthy clip 0.29 still and 0.72 with ±5° roll;
+the left-frozen single_face.mp4 with roll/scale weaker side RIGHT; the right-frozen second clip: no
+movement found; the symmetric astronaut smile with roll/scale AI 0.78; the left-weak one under yaw and
+pitch 0.80 for a truth of 0.6 (README, "What is measured").
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ def test_five_degrees_of_roll_do_not_change_a_healthy_real_smile(made) -> None:
 def test_a_half_frozen_in_the_heads_frame_is_found_by_auto_and_named(made, name: str) -> None:
     case, doc = made(name)
     assert case.analyse_task is None  # --task auto
-    assert [t["task"] for t in doc["tasks"]] == ["smile"]
+    # The smile is found as a smile (the woman of the second clip also lifts her brows: a one-sided brow
+    # raise may be found beside it, never instead of it).
+    assert "smile" in [t["task"] for t in doc["tasks"]]
     smile = _task(doc, Task.SMILE)
     assert smile["asymmetry_index"] >= 0.8
     assert smile["weaker_side"] == case.frozen.value
