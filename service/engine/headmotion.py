@@ -32,6 +32,7 @@ Coordinates are image pixels (or crop pixels): x right, y DOWN, z MediaPipe dept
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -92,8 +93,7 @@ def robust_similarity_3d(
     s, rot, t = similarity_3d(src, dst, w)
     for _ in range(iterations):
         res = np.linalg.norm(dst - (s * src @ rot.T + t), axis=1)
-        c = 4.685 * 1.4826 * max(float(np.median(res)), 1e-6)
-        w = np.clip(1.0 - (res / c) ** 2, 0.0, None) ** 2
+        w = _tukey(res, floor=1e-6)
         if (w > 0).sum() < 4:
             break
         s, rot, t = similarity_3d(src, dst, w)
@@ -119,17 +119,48 @@ def out_of_plane(rot: np.ndarray) -> np.ndarray:
     return np.asarray(ry @ rx)
 
 
+def robust_similarities_3d(
+    src: np.ndarray, dst: np.ndarray, iterations: int = 4
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`robust_similarity_3d` for many frames at once: ``src`` (K, 3), ``dst`` (T, K, 3) →
+    (s (T,), R (T, 3, 3), t (T, 3)); NaN for frames with fewer than 4 finite points. Batched (one SVD
+    call for all frames per iteration): the per-frame loop cost more than the rest of the analysis."""
+    n_t = len(dst)
+    finite = np.isfinite(dst).all(axis=2) & np.isfinite(src).all(axis=1)[None]
+    dst0, src0 = np.where(finite[..., None], dst, 0.0), np.nan_to_num(src)
+    good = finite.sum(axis=1) >= 4
+    w = finite.astype(np.float64)
+    for it in range(iterations + 1):
+        wn = w / np.maximum(w.sum(axis=1), 1e-12)[:, None]
+        mu_s, mu_d = wn @ src0, np.einsum("tk,tkj->tj", wn, dst0)
+        a, b = src0[None] - mu_s[:, None], dst0 - mu_d[:, None]
+        u, sig, vt = np.linalg.svd(np.einsum("tki,tkj->tij", b * wn[..., None], a))
+        fix = np.ones((n_t, 3))
+        fix[:, 2] = np.where(np.linalg.det(u @ vt) < 0, -1.0, 1.0)
+        rot = np.einsum("tij,tj,tjk->tik", u, fix, vt)
+        var = np.einsum("tk,tk->t", wn, np.sum(a * a, axis=2))
+        s = np.sum(sig * fix, axis=1) / np.maximum(var, 1e-12)
+        t = mu_d - s[:, None] * np.einsum("tij,tj->ti", rot, mu_s)
+        if it == iterations:
+            break
+        fitted = s[:, None, None] * np.einsum("kj,tij->tki", src0, rot) + t[:, None]
+        res = np.where(finite, np.linalg.norm(dst0 - fitted, axis=2), np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: frames without a face
+            med = np.nanmedian(res, axis=1)
+        c = 4.685 * 1.4826 * np.maximum(np.nan_to_num(med, nan=1.0), 1e-6)
+        new_w = np.nan_to_num(np.clip(1.0 - (res / c[:, None]) ** 2, 0.0, None) ** 2)
+        keep = (new_w > 0).sum(axis=1) >= 4  # else the frame keeps its weights, as the one-frame fit
+        w[keep] = new_w[keep]
+    s[~good], rot[~good], t[~good] = np.nan, np.nan, np.nan
+    return s, rot, t
+
+
 def rest_rotations(landmarks: np.ndarray, rest: np.ndarray, stable: tuple[int, ...]) -> np.ndarray:
     """Per frame, the head's rotation from ``rest`` (478, 3) to ``landmarks`` (T, 478, 3), fitted on the
     ``stable`` points: (T, 3, 3); NaN for frames without a face."""
     idx = list(stable)
-    out = np.full((len(landmarks), 3, 3), np.nan)
-    for k, frame in enumerate(landmarks):
-        try:
-            out[k] = robust_similarity_3d(rest[idx], frame[idx])[1]
-        except (ValueError, np.linalg.LinAlgError):
-            continue
-    return out
+    return robust_similarities_3d(rest[idx], np.asarray(landmarks, dtype=np.float64)[:, idx])[1]
 
 
 def frontalize(landmarks: np.ndarray, rest: np.ndarray, stable: tuple[int, ...] = STABLE_ALL) -> np.ndarray:
@@ -137,14 +168,10 @@ def frontalize(landmarks: np.ndarray, rest: np.ndarray, stable: tuple[int, ...] 
     similarity to rest (on ``stable``) is undone, so only non-rigid (expression) motion remains.
     Frames without a face stay NaN."""
     idx = list(stable)
-    out = np.full(landmarks.shape, np.nan)
-    for k, frame in enumerate(np.asarray(landmarks, dtype=np.float64)):
-        try:
-            s, rot, t = robust_similarity_3d(rest[idx], frame[idx])
-        except (ValueError, np.linalg.LinAlgError):
-            continue
-        out[k] = ((frame - t) @ rot) / s  # R^T (x − t) / s, row-wise
-    return out
+    lm = np.asarray(landmarks, dtype=np.float64)
+    s, rot, t = robust_similarities_3d(rest[idx], lm[:, idx])
+    # R^T (x − t) / s, row-wise per frame.
+    return np.einsum("tkj,tji->tki", lm - t[:, None], rot) / s[:, None, None]
 
 
 # ---------------------------------------------------------------------------------------- pixels
@@ -165,8 +192,15 @@ class HeadFrame:
     motion: HeadMotion | None
 
 
-def _tukey(res: np.ndarray) -> np.ndarray:
-    c = 4.685 * 1.4826 * max(float(np.median(res)), 1e-3)
+def _tukey(res: np.ndarray, floor: float = 1e-3) -> np.ndarray:
+    """Tukey biweights of residuals ``res`` (K,), scale 4.685 × 1.4826 × their median (at least ``floor``).
+    The median by partition: np.median's overhead dominated these small per-frame fits."""
+    k = len(res) // 2
+    if len(res) % 2:
+        med = float(np.partition(res, k)[k])
+    else:
+        med = float(np.partition(res, [k - 1, k])[k - 1 : k + 1].mean())
+    c = 4.685 * 1.4826 * max(med, floor)
     return np.asarray(np.clip(1.0 - (res / c) ** 2, 0.0, None) ** 2)
 
 
@@ -207,8 +241,12 @@ def _similarity_with_parallax(
     for _ in range(iterations + 1):
         if (w > 0).sum() < 5:
             return None
-        sw = np.sqrt(np.concatenate([w, w]))
-        (a, b, g, h, cx, cy), *_ = np.linalg.lstsq(design * sw[:, None], rhs * sw, rcond=None)
+        ww = np.concatenate([w, w])
+        weighted = design.T * ww  # normal equations: 6×6, far cheaper than lstsq per frame
+        try:
+            a, b, g, h, cx, cy = np.linalg.solve(weighted @ design, weighted @ rhs)
+        except np.linalg.LinAlgError:
+            return None
         cam, c = np.array([[a, -b, g], [b, a, h]]), np.array([cx, cy])
         w = _tukey(np.linalg.norm(dst - (src @ cam.T + c), axis=1))
     return cam, c, w > 0
@@ -223,7 +261,7 @@ CORNER_RADIUS_D = 0.2
 
 
 def stable_corners(
-    crop: np.ndarray, centres: np.ndarray, radius_px: float, max_corners: int = 200
+    crop: np.ndarray, centres: np.ndarray, radius_px: float, max_corners: int = 80
 ) -> np.ndarray:
     """Shi–Tomasi corners (K, 2) of a grey ``crop`` within ``radius_px`` of the (N, 2) ``centres``.
 
