@@ -86,8 +86,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, str]:
     worst_sym = max((r["ai"] or 0.0 for r in sym), default=float("nan"))
     return {
         "cases": str(len(rows)),
-        "median |ΔAI|": f"{float(np.median(err)):.3f}" if err else "–",
-        "p90 |ΔAI|": f"{_percentile(err, 90):.3f}" if err else "–",
+        "median err": f"{float(np.median(err)):.3f}" if err else "–",
+        "p90 err": f"{_percentile(err, 90):.3f}" if err else "–",
         "side right": f"{sum(r['weaker'] == r['truth_weaker'] for r in sided)}/{len(sided)}",
         "sym AI>0.15": f"{sum((r['ai'] or 0.0) > 0.15 for r in sym)}/{len(sym)} (max {worst_sym:.2f})",
         "healthy AI≥0.3": f"{sum(r['ai'] is None or r['ai'] >= 0.3 for r in healthy)}/{len(healthy)}",
@@ -139,6 +139,21 @@ def report(rows: list[dict[str, Any]], baseline: list[dict[str, Any]] | None) ->
             same = [b for b in baseline if b["name"] in names]
             sums.append([name, "baseline"] + list(summary(same).values()))
     out.append(_table(["group", "engine"] + figures, sums))
+    # The same by task (warp phantoms, all faces), so that a weak measurement is not averaged away.
+    keep = ["cases", "median err", "p90 err", "side right", "sym AI>0.15", "sym graded I–II"]
+    by_task = []
+    for task in ("smile", "eye_closure", "brow_raise"):
+        for motion in ("off", "on"):
+            sel = [r for r in rows if r["kind"] == "warp" and r["task"] == task
+                   and (r["motion"] == "off") == (motion == "off")]
+            engines = [("this engine", sel)]
+            if baseline:
+                names = {r["name"] for r in sel}
+                engines.append(("baseline", [b for b in baseline if b["name"] in names]))
+            for engine, group in engines:
+                fig = summary(group)
+                by_task.append([f"{task}, motion {motion}", engine] + [fig[k] for k in keep])
+    out += ["", _table(["task", "engine"] + keep, by_task)]
     return "\n".join(out)
 
 
