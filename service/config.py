@@ -92,6 +92,8 @@ class Settings:
     retry_max_seconds: float = 600.0
     task_rules: tuple[tuple[str, str], ...] = field(default=DEFAULT_TASK_RULES)
     log_level: str = "INFO"
+    # where `facesym demo`'s stand-in PACS listens (0: a free port); `make run` sends reports there too
+    demo_receiver_port: int = 11113
     fhir_base_url: str = ""  # FHIR server to POST transaction Bundles to; empty: none
     fhir_token: str = ""  # bearer token for it
     fhir_token_file: str = ""  # or a file holding the token (preferred: keeps it out of the environment)

@@ -20,6 +20,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from service.config import Destination, Settings
 from service.domain import Task
+from service.errors import FaceSymError
 
 DEMO_AE = "FACESYM_DEMO"
 MOTIONS = {Task.SMILE: (0.08, 0.25), Task.EYE_CLOSURE: (0.45, 0.45), Task.BROW_RAISE: (0.03, 0.15)}
@@ -161,15 +162,22 @@ def run_demo(settings: Settings, receiver_port: int = 0, timeout: float = 300.0)
                   f"started one for the demo (data in {tmp}).")
         else:
             print(f"Using the running FaceSym at {settings.ae_title}@{settings.dicom_host}:"
-                  f"{settings.dicom_port}; it must send reports to {DEMO_AE}@127.0.0.1:{receiver.port}.")
+                  f"{settings.dicom_port}; it must send reports to {DEMO_AE}@127.0.0.1:{receiver.port} "
+                  "(`make run` does).")
         with tempfile.TemporaryDirectory(prefix="facesym-exam-") as tmpdir:
             print("Making a phantom exam (smile, eye closure, brow raise; the left side is weak) …")
             study_uid, paths = make_exam(Path(tmpdir))
             send(paths, settings.dicom_host, settings.dicom_port, settings.ae_title)
-            print(f"Sent {len(paths)} DICOM videos of study {study_uid}; waiting for the SR …")
+            print(f"Sent {len(paths)} DICOM videos of study {study_uid}; waiting for the SR (FaceSym "
+                  "analyses a study once it has been quiet for its quiet_seconds) …")
             sr = receiver.wait_for(study_uid, timeout)
         if sr is None:
-            raise TimeoutError(f"no SR for study {study_uid} within {timeout:.0f} s")
+            how = "" if service is not None else (
+                f" The running FaceSym did not send it to {DEMO_AE}@127.0.0.1:{receiver.port}: start it with "
+                f"`make run` (which adds that destination) or with FACESYM_DESTINATIONS="
+                f"{DEMO_AE}@127.0.0.1:{receiver.port}, or stop it and let the demo start its own."
+            )
+            raise FaceSymError(f"no SR for study {study_uid} within {timeout:.0f} s.{how}")
         return read_report(sr)
     finally:
         if service is not None:
