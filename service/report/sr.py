@@ -583,6 +583,7 @@ def build_report(
         specific_character_set="ISO_IR 192",
         software_versions=__version__,
     )
+    _separate_containers(sr)
     log.info(
         "built SR %s (series %s): %d measurement group(s) for %d instance(s), engine %s",
         sop_uid,
@@ -592,6 +593,18 @@ def build_report(
         engine_version,
     )
     return sr
+
+
+def _separate_containers(ds: pydicom.Dataset) -> None:
+    """Mark every CONTAINER (the root included) SEPARATE (PS3.3 C.18.8: Continuity of Content).
+
+    highdicom makes them CONTINUOUS, which says the children read as one running text: DCMTK's
+    ``dsr2html`` then prints the values without their concept names ("0.0778 {D} ¹ 0.222 …"). These
+    items are separate measurements, so SEPARATE is also the right statement; TID 1500 allows either."""
+    if getattr(ds, "ValueType", "CONTAINER") == "CONTAINER" and "ContinuityOfContent" in ds:
+        ds.ContinuityOfContent = "SEPARATE"
+    for item in getattr(ds, "ContentSequence", []):
+        _separate_containers(item)
 
 
 # ----------------------------------------------------------------------------------------- read

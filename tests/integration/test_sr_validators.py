@@ -152,6 +152,21 @@ def test_dsr2xml_parses_it_and_holds_the_numbers(study: dict) -> None:
     assert texts == [study["reason"]]
 
 
+def test_dsr2html_labels_every_value(study: dict) -> None:
+    """DCMTK's renderer names each measurement (containers are SEPARATE, not CONTINUOUS running text)."""
+    import html as html_lib
+    import re
+
+    exe = require_peer("dsr2html")
+    proc = subprocess.run([exe, str(study["path"])], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = html_lib.unescape(re.sub(r"<[^>]+>", " ", proc.stdout))
+    text = re.sub(r"\s+", " ", text)
+    for code in (codes.ASYMMETRY_INDEX, codes.ASYMMETRY_SCORE, codes.COSINE_SCORE):
+        assert re.search(re.escape(code.meaning) + r": [0-9.]+ ", text), code.meaning
+    assert len(re.findall(r"Movement magnitude: [0-9.]+ \{D\}", text)) == 2
+
+
 def test_dsr2xml_holds_the_head_motion(head_motion_sr: Path) -> None:
     exe = require_peer("dsr2xml")
     proc = subprocess.run([exe, str(head_motion_sr)], capture_output=True, text=True, timeout=60)
