@@ -113,6 +113,7 @@ LATERALITY = {
 }
 #: Finding site of every per-side measurement (SNOMED CT "Face", as in the VL objects we read).
 FACE = CodedConcept(value="89545001", scheme_designator="SCT", meaning="Face")
+LATERALITY_CONCEPT = CodedConcept(value="272741003", scheme_designator="SCT", meaning="Laterality")
 YES = CodedConcept(value="373066001", scheme_designator="SCT", meaning="Yes")
 NO = CodedConcept(value="373067005", scheme_designator="SCT", meaning="No")
 

@@ -33,6 +33,7 @@ import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
+    CodeContentItem,
     CodedConcept,
     ComprehensiveSR,
     DeviceObserverIdentifyingAttributes,
@@ -129,11 +130,21 @@ def _tracking(sop_instance_uid: str, role: str, label: str) -> TrackingIdentifie
 
 
 # ---------------------------------------------------------------------------------------- build
+#: Significant digits of every number in the SR: what the measurement can support (a smile of 0.242 D is
+#: 0.24 ± 0.01 D on a good clip) and what a reader can take in; the JSON and FHIR keep full precision.
+SIGNIFICANT_DIGITS = 3
+
+
+def sr_number(value: float) -> float:
+    """``value`` as the SR carries it: rounded to :data:`SIGNIFICANT_DIGITS` significant digits."""
+    return float(f"{float(value):.{SIGNIFICANT_DIGITS}g}")
+
+
 def _number(where: str, value: float) -> float:
     number = float(value)
     if not math.isfinite(number):
         raise InvalidParameterError(f"{where} must be a finite number, got {value!r}")
-    return number
+    return sr_number(number)
 
 
 def _text(name: CodedConcept, value: str) -> TextContentItem:
@@ -151,17 +162,24 @@ def _side_measurements(
     algorithm: AlgorithmIdentification,
     where: str,
 ) -> list[Measurement]:
-    """Left and right values of one quantity; the side is the Laterality of a Face finding site."""
-    return [
-        Measurement(
+    """Left and right values of one quantity; the side is the Laterality of a Face finding site (TID 300),
+    repeated as a Laterality modifier of the value itself so that a generic viewer (DCMTK's dsr2html)
+    labels the value "Left"/"Right" instead of hiding the side in a footnote of a footnote."""
+    out = []
+    for side, value in ((Side.LEFT, left), (Side.RIGHT, right)):
+        m = Measurement(
             name=name,
             value=_number(f"{where}.{side.value}", value),
             unit=unit,
             finding_sites=[FindingSite(codes.FACE, laterality=codes.LATERALITY[side])],
             algorithm_id=algorithm,
         )
-        for side, value in ((Side.LEFT, left), (Side.RIGHT, right))
-    ]
+        m[0].ContentSequence.append(CodeContentItem(
+            name=codes.LATERALITY_CONCEPT, value=codes.LATERALITY[side],
+            relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
+        ))
+        out.append(m)
+    return out
 
 
 def _source(

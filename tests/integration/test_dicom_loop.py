@@ -236,11 +236,11 @@ def test_dcmtk_storescu_to_facesym_to_storescp(exam: tuple[str, Path], tmp_path:
         (task,) = group["tasks"]
         cli = analyze_path(str(path), None, Task.SMILE, False, False)["tasks"][0]
         assert task["weaker_side"] == cli["weaker_side"] == "left"
-        # The JSON rounds indices to 4 decimals and scores to 2; the SR keeps full precision.
+        # The JSON rounds indices to 4 decimals and scores to 2; the SR carries 3 significant digits.
         for key in ("asymmetry_index", "activation_gate", "cosine_index"):
-            assert task[key] == pytest.approx(cli[key], abs=1e-4), key
+            assert task[key] == pytest.approx(cli[key], abs=6e-4), key
         for key in ("asymmetry_score", "cosine_score"):
-            assert task[key] == pytest.approx(cli[key], abs=0.006), key
+            assert task[key] == pytest.approx(cli[key], abs=0.06), key
         assert task["left"] == pytest.approx(cli["left"]["magnitude"], abs=1e-3)
         assert task["right"] == pytest.approx(cli["right"]["magnitude"], abs=1e-3)
     finally:

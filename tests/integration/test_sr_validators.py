@@ -23,7 +23,7 @@ from service.errors import UnreadableInputError
 from service.media.decode import open_media
 from service.media.dicom_io import build_video_photographic, write_dicom
 from service.report import codes
-from service.report.sr import InstanceFinding, build_report, read_report
+from service.report.sr import InstanceFinding, build_report, read_report, sr_number
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
@@ -134,8 +134,8 @@ def test_dsr2xml_parses_it_and_holds_the_numbers(study: dict) -> None:
     nums = _num_items(root)
     by = {(concept, lat): value for concept, value, lat in nums}
     left, right = codes.LATERALITY.values()
-    assert by[("FSY-MAG", left.value)] == pytest.approx(task.left, abs=1e-6)
-    assert by[("FSY-MAG", right.value)] == pytest.approx(task.right, abs=1e-6)
+    assert by[("FSY-MAG", left.value)] == pytest.approx(sr_number(task.left), abs=1e-12)
+    assert by[("FSY-MAG", right.value)] == pytest.approx(sr_number(task.right), abs=1e-12)
     for code, want in (
         (codes.ASYMMETRY_INDEX, task.asymmetry_index),
         (codes.ACTIVATION_GATE, task.activation_gate),
@@ -143,10 +143,11 @@ def test_dsr2xml_parses_it_and_holds_the_numbers(study: dict) -> None:
         (codes.COSINE_INDEX, task.cosine_index),
         (codes.COSINE_SCORE, task.cosine_score),
     ):
-        assert by[(code.value, None)] == pytest.approx(want, abs=1e-6), code.meaning
+        assert by[(code.value, None)] == pytest.approx(sr_number(want), abs=1e-12), code.meaning
     if task.head_motion is not None:  # the engine measured the head motion: its numbers are there too
         for code, attr, _ in codes.HEAD_MOTION_MEASUREMENTS:
-            assert by[(code.value, None)] == pytest.approx(getattr(task.head_motion, attr), abs=1e-6), attr
+            want = sr_number(getattr(task.head_motion, attr))
+            assert by[(code.value, None)] == pytest.approx(want, abs=1e-12), attr
     # The reason the corrupt video is not analysable is in the document, as text.
     texts = [t.findtext("value") for t in root.iter("text") if t.findtext("concept/value") == "FSY-REASON"]
     assert texts == [study["reason"]]
@@ -190,7 +191,7 @@ def test_read_report_matches_the_engine(study: dict) -> None:
     (task,) = study["analysis"].tasks
     (read,) = got[0]["tasks"]
     assert read["task"] == "smile" and read["peak_frames"] == list(task.peak_frames)
-    assert read["left"] == pytest.approx(task.left, abs=1e-6)
-    assert read["right"] == pytest.approx(task.right, abs=1e-6)
+    assert read["left"] == pytest.approx(sr_number(task.left), abs=1e-12)
+    assert read["right"] == pytest.approx(sr_number(task.right), abs=1e-12)
     assert read["weaker_side"] == "right" == (task.weaker_side.value if task.weaker_side else None)
     assert got[1]["quality_ok"] is False and got[1]["reasons"] == [study["reason"]]
