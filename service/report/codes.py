@@ -113,6 +113,11 @@ LATERALITY = {
 }
 #: Finding site of every per-side measurement (SNOMED CT "Face", as in the VL objects we read).
 FACE = CodedConcept(value="89545001", scheme_designator="SCT", meaning="Face")
+#: TID 1500 row 12 and the text it holds: the study's one-sentence finding.
+QUALITATIVE_EVALUATIONS = CodedConcept(
+    value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations"
+)
+IMPRESSION = CodedConcept(value="121073", scheme_designator="DCM", meaning="Impression")
 LATERALITY_CONCEPT = CodedConcept(value="272741003", scheme_designator="SCT", meaning="Laterality")
 YES = CodedConcept(value="373066001", scheme_designator="SCT", meaning="Yes")
 NO = CodedConcept(value="373067005", scheme_designator="SCT", meaning="No")

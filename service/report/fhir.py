@@ -367,7 +367,7 @@ def _task_observation(
             raise InvalidParameterError(f"{where}.grade.label must be one of {list(codes.GRADE_CLASS)}")
         grade_code = _concept(_coding(codes.GRADE_CLASS[task.grade.label]))
         components.append(_component(_coding(codes.GRADE), valueCodeableConcept=grade_code))
-        from service.report.sr import grade_statement
+        from service.report.summary import grade_statement
 
         extra_notes = (grade_statement(task.grade),)
     obs["component"] = components

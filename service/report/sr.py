@@ -36,6 +36,7 @@ from highdicom.sr import (
     CodeContentItem,
     CodedConcept,
     ComprehensiveSR,
+    ContainerContentItem,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     Measurement,
@@ -57,6 +58,7 @@ from service import __version__
 from service.domain import Analysis, Side, StaticItem, Task, TaskResult
 from service.errors import InvalidParameterError
 from service.report import codes
+from service.report.summary import grade_statement, impression
 
 log = logging.getLogger(__name__)
 
@@ -289,12 +291,6 @@ def _task_group(
     if task.grade is not None:
         texts.append((codes.GRADE_MODEL, grade_statement(task.grade)))
     return _with_texts(group, texts)
-
-
-def grade_statement(grade: Any) -> str:
-    """What every report that shows a grade must say: which model, and what it learnt from."""
-    return (f"facesym-grader {grade.model_version}, trained on {grade.trained_on} data; "
-            "research use only, not a diagnosis")
 
 
 def _static_group(
@@ -567,6 +563,7 @@ def build_report(
         procedure_reported=codes.PROCEDURE,
         imaging_measurements=groups,
     )
+    _add_impression(report, impression(findings))
     series_uid, sop_uid = report_uids((str(ds.SOPInstanceUID) for ds in evidence), engine_version)
     # IHE RAD TF AI Results: the SR names the AI model as Contributing Equipment (PS3.3 C.12.1.1.5).
     facesym_equipment = hd.ContributingEquipment(
@@ -611,6 +608,21 @@ def build_report(
         engine_version,
     )
     return sr
+
+
+def _add_impression(report: MeasurementReport, text: str) -> None:
+    """The study's one-sentence finding (:func:`service.report.summary.impression`) as TID 1500's
+    "Qualitative Evaluations" container (row 12, UMLS C0034375) holding a TEXT "Impression" (DCM 121073),
+    so that any SR viewer shows it first-hand. highdicom's MeasurementReport has no argument for it; the
+    items are highdicom's own."""
+    container = ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS,
+        is_content_continuous=False,
+    )
+    container.ContentSequence = pydicom.Sequence([TextContentItem(
+        name=codes.IMPRESSION, value=text[:_TEXT_LIMIT], relationship_type=RelationshipTypeValues.CONTAINS
+    )])
+    report[0].ContentSequence.append(container)
 
 
 def _separate_containers(ds: pydicom.Dataset) -> None:

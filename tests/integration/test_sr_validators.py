@@ -165,7 +165,12 @@ def test_dsr2html_labels_every_value(study: dict) -> None:
     text = re.sub(r"\s+", " ", text)
     for code in (codes.ASYMMETRY_INDEX, codes.ASYMMETRY_SCORE, codes.COSINE_SCORE):
         assert re.search(re.escape(code.meaning) + r": [0-9.]+ ", text), code.meaning
-    assert len(re.findall(r"Movement magnitude: [0-9.]+ \{D\}", text)) == 2
+    # Per-side values labelled with the patient's side, at most 3 significant digits.
+    per_side = r"Movement magnitude: ([0-9.]+) \{D\}[^:]*(?:: [^:]*){0,4}?Laterality = (Left|Right)"
+    sides = re.findall(per_side, text)
+    assert [side for _, side in sides] == ["Left", "Right"], text[:2000]
+    assert all(len(v.lstrip("0.").replace(".", "")) <= 3 for v, _ in sides), sides
+    assert re.search(r"Impression: Patient's (left|right) weaker: smile AI [0-9.]+ \(AS [0-9]+\)", text)
 
 
 def test_dsr2xml_holds_the_head_motion(head_motion_sr: Path) -> None:

@@ -141,11 +141,27 @@ def test_round_trip_equals_the_input(written: Path, study: dict[str, Dataset]) -
     }
 
 
+def _measurements(ds: Dataset) -> Dataset:
+    """The root's "Imaging Measurements" container (DCM 126010), which holds the measurement groups."""
+    (found,) = [c for c in ds.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return found
+
+
+def test_impression_leads_the_report(written: Path) -> None:
+    """TID 1500 row 12: a "Qualitative Evaluations" container with the one-sentence Impression."""
+    ds = pydicom.dcmread(written)
+    (qual,) = [c for c in ds.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    (text,) = qual.ContentSequence
+    assert text.ConceptNameCodeSequence[0].CodeValue == "121073" and text.ValueType == "TEXT"
+    assert text.TextValue.startswith("Patient's ") and "smile AI" in text.TextValue
+    assert ds.ContinuityOfContent == "SEPARATE" and qual.ContinuityOfContent == "SEPARATE"
+
+
 def test_head_motion_items_units_and_verdict(written: Path) -> None:
     """Per task group: the head-motion NUMs with their UCUM units, and "Head motion corrected" Yes / No
     (BROW's could not be corrected); a task without head motion (EYES, an old result) has none of them."""
     ds = pydicom.dcmread(written)
-    smile, brow = ds.ContentSequence[-1].ContentSequence[:2]
+    smile, brow = _measurements(ds).ContentSequence[:2]
 
     def items(group: Dataset) -> dict[str, Dataset]:
         return {i.ConceptNameCodeSequence[0].CodeValue: i for i in group.ContentSequence
@@ -165,7 +181,7 @@ def test_head_motion_items_units_and_verdict(written: Path) -> None:
     old = InstanceFinding(video.SOPClassUID, video.SOPInstanceUID, N_FRAMES,
                           Analysis(Quality(True, (), (), 9, 9), (replace(EYES, head_motion=None),)))
     sr = build_report([_header(video)], [old], engine_version=ENGINE)
-    (group,) = sr.ContentSequence[-1].ContentSequence
+    (group,) = _measurements(sr).ContentSequence
     assert not [code for code in items(group) if code.startswith("FSY-HM-")]
 
 
@@ -201,7 +217,7 @@ def test_sr_header(written: Path, study: dict[str, Dataset]) -> None:
 
 def test_peak_frames_are_referenced_one_based(written: Path) -> None:
     ds = pydicom.dcmread(written)
-    groups = ds.ContentSequence[-1].ContentSequence  # "Imaging Measurements" → "Measurement Group"s
+    groups = _measurements(ds).ContentSequence  # "Imaging Measurements" → "Measurement Group"s
     images = [i for g in groups for i in g.ContentSequence if i.ValueType == "IMAGE"]
     frames = [
         list(map(int, i.ReferencedSOPSequence[0].get("ReferencedFrameNumber", []) or [])) for i in images
@@ -267,7 +283,7 @@ def test_eye_closure_magnitudes_are_dimensionless(study: dict[str, Dataset]) -> 
         ],
         engine_version=ENGINE,
     )
-    groups = sr.ContentSequence[-1].ContentSequence
+    groups = _measurements(sr).ContentSequence
     units = [
         {
             i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue
