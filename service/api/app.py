@@ -192,6 +192,7 @@ def create_app(
     templates.env.filters["bytes"] = data.human_bytes
     templates.env.filters["when"] = lambda t: "—" if not t else str(t).replace("T", " ")[:19]
     templates.env.filters["dest"] = _dest_label
+    templates.env.filters["caption"] = data.figure_caption
     web = Web(
         settings=settings, sessions=sessions, audit=audit, hooks=service_hooks or ServiceHooks(),
         signer=Signer(load_or_create_secret(_secret_path(settings)), hours * 3600.0),

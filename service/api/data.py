@@ -23,6 +23,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from service.report.head_motion import head_motion_of, head_motion_text, not_corrected_text
+from service.report.summary import finding_of_documents
 from service.store.db import (
     AuditRecord,
     Delivery,
@@ -109,6 +110,7 @@ def task_rows(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "weaker_side": t.get("weaker_side"),
                 "insufficient_activation": bool(t.get("insufficient_activation")),
                 "method": str(t.get("method", "")),
+                "grade": (t.get("grade") or {}).get("label") if isinstance(t.get("grade"), dict) else None,
                 "notes": [str(n) for n in t.get("notes") or []],
                 "flow": {
                     str(k): _num((v or {}).get("symmetry_score"))
@@ -243,6 +245,18 @@ def figures_dir(files_root: Path, study_uid: str) -> Path:
     return files_root / "reports" / study_uid / "figures"
 
 
+def figure_caption(name: str) -> str:
+    """Caption of a console figure file ``<n>-<task>-<kind>.png``: the task and what the figure shows."""
+    from service.report.study_images import FIGURE_CAPTIONS
+
+    stem = name.rsplit(".", 1)[0]
+    parts = stem.split("-")
+    kind = parts[-1] if parts else ""
+    task = parts[1].replace("_", " ") if len(parts) >= 3 else ""
+    caption = FIGURE_CAPTIONS.get(kind, stem.replace("_", " "))
+    return f"{task.capitalize()} — {caption}" if task else caption
+
+
 def list_figures(files_root: Path, study_uid: str) -> list[str]:
     d = figures_dir(files_root, study_uid)
     try:
@@ -286,6 +300,7 @@ def study_detail(s: Session, study_uid: str, files_root: Path) -> dict[str, Any]
             "next_run_at": iso(job.next_run_at),
         },
         "scores": task_rows(docs),
+        "finding": finding_of_documents(docs, task_rows(docs)),
         "quality": qc_of(docs),
         "figures": list_figures(files_root, study.study_uid),
         "series": [{"series_uid": se.series_uid, "modality": se.modality,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import textwrap
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -31,7 +32,9 @@ _MARGIN = 0.6
 _BOTTOM = 0.75  # footer zone
 _REGIONS = ("forehead", "eye", "cheek")
 #: The figures of one task: key image, flow overlay, motion plot (any subset), in that order.
-FiguresByTask = Mapping[tuple[str, Task], Sequence[np.ndarray]]
+#: Per (item label, task) the figures; anything ``np.asarray`` makes an (H, W, 3) uint8 image of (an
+#: array, or :class:`service.report.study_images.Figure`).
+FiguresByTask = Mapping[tuple[str, Task], Sequence[Any]]
 
 
 class _Writer:

@@ -64,12 +64,36 @@ class StudyItem:
 
 
 @dataclass(frozen=True)
+class Figure:
+    """One figure and what it shows: ``kind`` is "key" (rest→peak key image), "flow" (optical-flow
+    overlay) or "motion" (per-side signal plot). ``np.asarray(figure)`` is the (H, W, 3) uint8 image."""
+
+    kind: str
+    image: np.ndarray
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.image if dtype is None else self.image.astype(dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.image.shape)
+
+
+#: Captions for the web console and anyone listing the figures.
+FIGURE_CAPTIONS = {
+    "key": "Key image: rest → peak displacement per side",
+    "flow": "Optical-flow overlay by region",
+    "motion": "Motion plot: per-side signal over time",
+}
+
+
+@dataclass(frozen=True)
 class ReportObjects:
     """What :func:`render_report_objects` makes: the DICOM datasets, the PDF and the figures."""
 
     datasets: list[pydicom.Dataset]
     pdf: bytes
-    figures: dict[tuple[str, Task], list[np.ndarray]]
+    figures: dict[tuple[str, Task], list[Figure]]
 
 
 def _gate(value: GateLike) -> tuple[float, float]:
@@ -123,32 +147,33 @@ class _Landmarks:
 
 def _video_figures(
     item: StudyItem, det: _Landmarks, gates: Mapping[Task, tuple[float, float]]
-) -> dict[Task, list[np.ndarray]]:
+) -> dict[Task, list[Figure]]:
     tasks = item.analysis.tasks
     wanted = {_mid(t.rest_frames) for t in tasks} | {_mid(t.peak_frames) for t in tasks}
     frames = _frames(item.path, wanted)
     points = {k: det(rgb) for k, rgb in frames.items()}
-    out: dict[Task, list[np.ndarray]] = {}
+    out: dict[Task, list[Figure]] = {}
     for task in tasks:
         rest_k, peak_k = _mid(task.rest_frames), _mid(task.peak_frames)
         rest_p, peak_p = points.get(rest_k), points.get(peak_k)
-        figs: list[np.ndarray] = []
+        figs: list[Figure] = []
         if rest_p is not None and peak_p is not None:
-            figs.append(fg.key_image(frames[peak_k], rest_p, peak_p, task))
+            figs.append(Figure("key", fg.key_image(frames[peak_k], rest_p, peak_p, task)))
             if task.flow:
-                figs.append(fg.flow_overlay(frames[rest_k], rest_p, task))
+                figs.append(Figure("flow", fg.flow_overlay(frames[rest_k], rest_p, task)))
         else:
             log.warning("%s %s: no face found in frame %d or %d; no key image",
                         item.label, task.task.value, rest_k, peak_k)
         if task.series:
             # The thresholds the result was scored with, when it says so (older results: the settings').
             thresholds = task.gate_thresholds or gates[task.task]
-            figs.append(fg.motion_plot(task, item.fps, thresholds, item.attention.get(task.task)))
+            figs.append(Figure("motion", fg.motion_plot(task, item.fps, thresholds,
+                                                        item.attention.get(task.task))))
         out[task.task] = figs
     return out
 
 
-def _photo_figures(item: StudyItem, det: _Landmarks) -> dict[Task, list[np.ndarray]]:
+def _photo_figures(item: StudyItem, det: _Landmarks) -> dict[Task, list[Figure]]:
     if item.rest_path is None:
         return {}
     from service.media.decode import open_media
@@ -159,18 +184,18 @@ def _photo_figures(item: StudyItem, det: _Landmarks) -> dict[Task, list[np.ndarr
     if rest_p is None or expr_p is None:
         log.warning("%s: no face found in the rest or expression photo; no key image", item.label)
         return {}
-    return {t.task: [fg.key_image(expression, rest_p, expr_p, t)] for t in item.analysis.tasks}
+    return {t.task: [Figure("key", fg.key_image(expression, rest_p, expr_p, t))] for t in item.analysis.tasks}
 
 
 def figures_by_task(
     items: Sequence[StudyItem], gates: Mapping[Task, GateLike] | None = None
-) -> dict[tuple[str, Task], list[np.ndarray]]:
+) -> dict[tuple[str, Task], list[Figure]]:
     """The figures of every analysed task, keyed by (item label, task): key image, flow overlay (when the
     task has optical-flow results), motion plot (when it has a per-frame series). A source that cannot
     be decoded again, or whose faces are not found, gets fewer figures (logged), never an exception."""
     g = _default_gates()
     g.update({t: _gate(v) for t, v in (gates or {}).items()})
-    out: dict[tuple[str, Task], list[np.ndarray]] = {}
+    out: dict[tuple[str, Task], list[Figure]] = {}
     if not any(i.analysis.tasks for i in items):
         return out
     det = _Landmarks()
@@ -197,7 +222,8 @@ def render_study_figures(
 ) -> list[np.ndarray]:
     """Every figure of the study in report order (per item, per task: key image, flow overlay, motion)."""
     figs = figures_by_task(results, gates)
-    return [im for item in results for t in item.analysis.tasks for im in figs.get((item.label, t.task), [])]
+    return [f.image for item in results for t in item.analysis.tasks
+            for f in figs.get((item.label, t.task), [])]
 
 
 # ------------------------------------------------------------------------------------------ study
@@ -272,7 +298,7 @@ def render_report_objects(
         raise ValueError("source_paths is empty")
     items = study_items(paths, analyses, headers)
     figs = figures_by_task(items, gates)
-    ordered = [im for it in items for t in it.analysis.tasks for im in figs.get((it.label, t.task), [])]
+    ordered = [f.image for it in items for t in it.analysis.tasks for f in figs.get((it.label, t.task), [])]
     first = headers[0]
     pdf = render_pdf(
         [(it.label, it.analysis) for it in items],
@@ -319,18 +345,18 @@ def build_report_objects(
     return [write_dicom(ds, out_dir / f"{ds.SOPInstanceUID}.dcm") for ds in objects.datasets]
 
 
-def _write_pngs(figures: Mapping[tuple[str, Task], list[np.ndarray]], folder: Path) -> None:
-    """The same figures as PNG files for the web console: ``<n>-<task>-key|motion|flow.png``."""
+def _write_pngs(figures: Mapping[tuple[str, Task], list[Figure]], folder: Path) -> None:
+    """The same figures as PNG files for the web console: ``<n>-<task>-key|motion|flow.png``, named by
+    what each one shows (an earlier version named them by position, and a flow overlay became "motion")."""
     from service.report.figures import png_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
-    kinds = ("key", "motion", "flow")
     ordered = sorted(figures.items(), key=lambda kv: (kv[0][0], kv[0][1].value))
-    for n, ((_, task), images) in enumerate(ordered):
-        for kind, rgb in zip(kinds, images, strict=False):
-            path = folder / f"{n}-{task.value}-{kind}.png"
+    for n, ((_, task), figs) in enumerate(ordered):
+        for fig in figs:
+            path = folder / f"{n}-{task.value}-{fig.kind}.png"
             tmp = path.with_name(path.name + ".part")
-            tmp.write_bytes(png_bytes(rgb))
+            tmp.write_bytes(png_bytes(fig.image))
             tmp.replace(path)
 
 

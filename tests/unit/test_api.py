@@ -345,6 +345,11 @@ def test_study_page_shows_scores_comparison_figures_and_is_audited(env: dict[str
     assert "head motion: roll 4.2°, yaw 7.7°, pitch 2.3°, scale 3.2 %, shift 0.123 D; residual 0.012 D" in (
         page)
     assert "head motion NOT corrected (residual 0.091 D above the limit)" in page
+    # The page leads with the finding and the scores; the figures come after them.
+    finding = page.index('id="finding"')
+    assert finding < page.index("<h2>Scores</h2>") < page.index("<h2>Figures</h2>")
+    sentence = "Smile symmetric (AI 0.58, AS 82); eye closure symmetric (AI 0.58, AS 90)."
+    assert f"Finding:</b> {sentence}</p>" in page
     access = [x for x in records(env, "110103") if POST_UID in x.xml]
     assert len(access) == 1 and 'EventActionCode="R"' in access[0].xml and "PAT001" in access[0].xml
     fig = c.get(f"/studies/{POST_UID}/figures/smile_key.png")
@@ -549,3 +554,12 @@ def test_pages_escape_what_came_from_dicom(env: dict[str, Any]) -> None:
     r = c.get("/")
     assert "script-src 'none'" in r.headers["content-security-policy"]
     assert r.headers["cache-control"] == "no-store" and r.headers["x-frame-options"] == "DENY"
+
+
+def test_figure_captions_say_what_each_figure_shows() -> None:
+    from service.api.data import figure_caption
+
+    assert figure_caption("0-smile-key.png") == "Smile — Key image: rest → peak displacement per side"
+    assert figure_caption("0-smile-flow.png") == "Smile — Optical-flow overlay by region"
+    motion = figure_caption("1-eye_closure-motion.png")
+    assert motion == "Eye closure — Motion plot: per-side signal over time"
