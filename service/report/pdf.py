@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import matplotlib
@@ -24,9 +26,49 @@ from service.domain import Analysis, Side, Task, TaskResult
 from service.report.comparison import PriorStudy, changes, current_scores, iso_date, oldest_first
 from service.report.figures import SIDE_RGB, TASK_TITLE, side_name
 from service.report.head_motion import head_motion_text, not_corrected_text
+from service.report.summary import impression
 
 STATEMENT = "Research use only — not a diagnosis; weights trained on synthetic data"
 TITLE = "FaceSym facial symmetry report"
+
+
+@dataclass(frozen=True)
+class ReportHeader:
+    """Who and what the report is about, as the PACS holds it (a clinical report identifies its patient;
+    the PDF goes back into the patient's own study). Empty strings are printed as "—"."""
+
+    patient_name: str = ""
+    patient_id: str = ""
+    birth_date: str = ""  # DICOM DA or ISO
+    sex: str = ""
+    accession: str = ""
+    study_time: str = ""  # DICOM TM
+    referring_physician: str = ""
+
+    @classmethod
+    def from_dicom(cls, ds: Any) -> ReportHeader:
+        """From a source instance's header (pydicom Dataset)."""
+        def text(keyword: str) -> str:
+            value = ds.get(keyword, "")
+            return "" if value is None else str(value)
+
+        def person(keyword: str) -> str:
+            return " ".join(p for p in text(keyword).replace("^", " ").split() if p)
+
+        return cls(person("PatientName"), text("PatientID"), text("PatientBirthDate"), text("PatientSex"),
+                   text("AccessionNumber"), text("StudyTime"), person("ReferringPhysicianName"))
+
+    def lines(self, study_date: str) -> list[str]:
+        when = iso_date(study_date) or "—"
+        tm = self.study_time.split(".")[0]
+        if len(tm) >= 4 and tm[:4].isdigit():
+            when += f" {tm[:2]}:{tm[2:4]}"
+        return [
+            f"Patient: {self.patient_name or '—'}    ID: {self.patient_id or '—'}    "
+            f"Born: {iso_date(self.birth_date) or '—'}    Sex: {self.sex or '—'}",
+            f"Accession: {self.accession or '—'}    Study date: {when}    "
+            f"Referring physician: {self.referring_physician or '—'}",
+        ]
 PAGE_IN = (8.27, 11.69)  # A4 portrait, inches
 _MARGIN = 0.6
 _BOTTOM = 0.75  # footer zone
@@ -293,6 +335,7 @@ def render_pdf(
     engine_version: str,
     model_versions: Sequence[str] = (),
     comparison: Sequence[PriorStudy] = (),
+    header: ReportHeader | None = None,
 ) -> bytes:
     """The study's report as PDF bytes (A4; page 1: scores, QC, versions; then the figures).
 
@@ -308,6 +351,9 @@ def render_pdf(
         Shown in the header (DICOM DA "YYYYMMDD" is printed as YYYY-MM-DD).
     engine_version, model_versions
         Printed under "Versions".
+    header
+        The patient and study identification printed at the top (:class:`ReportHeader`); None prints
+        none (a report made outside a study).
 
     Returns
     -------
@@ -323,7 +369,13 @@ def render_pdf(
             w = _Writer(pdf, f"FaceSym {engine_version} · {STATEMENT}")
             w.new_page()
             w.line(TITLE, size=18, weight="bold", gap=1.5)
+            if header is not None:
+                for text in header.lines(study_date):
+                    w.line(text, size=10.5)
             w.line(f"Study: {study_description.strip() or '—'}    Date: {date or '—'}", size=10.5)
+            w.space(0.05)
+            w.wrapped(f"Finding: {impression([SimpleNamespace(analysis=a) for _, a in findings])}",
+                      size=11, weight="bold")
             w.space(0.05)
             w.line(STATEMENT, size=11, weight="bold", color="#a00000")
             w.space(0.12)

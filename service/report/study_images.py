@@ -26,7 +26,7 @@ from service.errors import FaceSymError
 from service.media.dicom_io import DEFER_SIZE
 from service.report import figures as fg
 from service.report.comparison import PriorStudy
-from service.report.pdf import render_pdf
+from service.report.pdf import ReportHeader, render_pdf
 from service.report.secondary import build_encapsulated_pdf, build_sc_images
 
 log = logging.getLogger(__name__)
@@ -308,6 +308,7 @@ def render_report_objects(
         engine_version=engine_version,
         model_versions=model_versions,
         comparison=comparison,
+        header=ReportHeader.from_dicom(first),
     )
     uids = [str(ds.SOPInstanceUID) for ds in headers]
     classes = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in headers}

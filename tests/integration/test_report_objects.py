@@ -125,8 +125,11 @@ def test_pdf_renders_and_holds_the_scores(
     assert "Asymmetry" in text
     assert re.search(rf"Smile\s+{task.asymmetry_score:.1f}\s+{task.cosine_score:.1f}", text), text
     assert "Research use only" in text and "synthetic data" in text
-    for phi in (PATIENT_NAME, "DOE", PATIENT_ID):
-        assert phi not in text
+    # A clinical report identifies its patient (it goes back into the patient's own study) and leads
+    # with the finding.
+    assert re.search(r"Patient: DOE JANE\s+ID: PID-55501", text), text
+    assert re.search(r"Finding: Patient's right weaker: smile AI [0-9.]+ \(AS [0-9]+\)", text), text
+    assert text.index("Finding:") < text.index("Asymmetry")
     assert task.weaker_side is Side.RIGHT
 
 
