@@ -354,17 +354,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 #: day), Alembic its migration docstrings, fontTools ~200 lines per PDF, pynetdicom every association's
 #: negotiation. Kept at WARNING unless FaceSym's own level is DEBUG; FaceSym logs one line per
 #: association, job state change and delivery itself.
-CHATTY_LOGGERS = ("apscheduler", "alembic", "fontTools", "matplotlib", "PIL", "pynetdicom", "sqlalchemy")
+CHATTY_LOGGERS = ("apscheduler", "alembic", "fontTools", "matplotlib", "PIL", "pynetdicom")
 
 
 def service_logging(level: str) -> None:
-    """Set the log level of a long-running process: ``level`` for FaceSym (and the root logger), and at
-    least WARNING for :data:`CHATTY_LOGGERS` (all of them when ``level`` is DEBUG)."""
+    """Set the log level of a long-running process: ``level`` for FaceSym (and the root logger), at
+    least WARNING for :data:`CHATTY_LOGGERS` (unless ``level`` is DEBUG) and for SQLAlchemy always."""
     numeric = logging.getLevelName(level.upper())
     logging.getLogger().setLevel(numeric)
     for name in CHATTY_LOGGERS:
         quiet = numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
         logging.getLogger(name).setLevel(quiet)
+    # SQLAlchemy logs statement PARAMETERS (patient names, IDs) at INFO/DEBUG: never below WARNING.
+    logging.getLogger("sqlalchemy").setLevel(max(numeric, logging.WARNING))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -76,7 +76,8 @@ def test_study_in_sr_out_same_numbers_as_cli(exam: tuple[str, Path], tmp_path: P
         (task,) = group["tasks"]
         assert task["task"] == "smile" and task["weaker_side"] == "left"
         for key in ("asymmetry_index", "asymmetry_score", "cosine_score", "activation_gate"):
-            assert task[key] == pytest.approx(cli[key], abs=0.01), key
+            # The SR carries 3 significant digits (a score of 21.87 reads 21.9).
+            assert task[key] == pytest.approx(cli[key], abs=0.06), key
         # The PDF report renders offline from the stored result (facesym report).
         from service.cli import main
 

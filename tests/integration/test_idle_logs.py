@@ -51,13 +51,14 @@ def test_an_idle_serve_writes_no_log_lines_for_a_minute(tmp_path: Path) -> None:
 def test_service_logging_keeps_libraries_at_warning_unless_debugging() -> None:
     import logging
 
-    saved = {n: logging.getLogger(n).level for n in ("", *CHATTY_LOGGERS)}
+    saved = {n: logging.getLogger(n).level for n in ("", "sqlalchemy", *CHATTY_LOGGERS)}
     try:
         service_logging("info")
         assert logging.getLogger().level == logging.INFO
         assert all(logging.getLogger(n).level == logging.WARNING for n in CHATTY_LOGGERS)
         service_logging("DEBUG")
         assert all(logging.getLogger(n).level == logging.DEBUG for n in CHATTY_LOGGERS)
+        assert logging.getLogger("sqlalchemy").level == logging.WARNING  # its parameters are patient data
         service_logging("ERROR")
         assert logging.getLogger("apscheduler").level == logging.ERROR
     finally:
