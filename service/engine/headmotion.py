@@ -14,12 +14,13 @@ is measured is the face's movement in the HEAD's own frame at rest:
   that a residual turn gives points at different depths. Pixels, not landmarks, because FaceMesh's
   shape prior drags the mesh with the expression (measured on warped phantoms: about 1° of spurious roll
   and 2° of pitch at a smile's peak), reads only part of a head turn (20–50 % of a rendered 10° yaw),
-  and a palsied half, moving rigidly with the head, must read as still. Where the stable points have no
-  texture to track (fewer than :data:`MIN_TEXTURED_POINTS` above :data:`MIN_TEXTURE`, e.g. a smooth
-  forehead), tracked points stick and under-read roll (measured gain 0.89 on a real clip, which moves
-  the mouth corners sideways by the error times a lever of about 1.2 D); then the mesh's rotation is
-  kept whole and only scale and shift are fitted on the pixels.
-* A measured point's head-frame position solves ``M_t[:, :2] h = p − c_t − M_t[:, 2] z`` (``M_t`` the
+  and a palsied half, moving rigidly with the head, must read as still. The tracked points are
+  Shi–Tomasi corners near the stable landmarks (:func:`stable_corners`): on smooth skin (a forehead) a
+  point seeded on the landmark itself sticks and under-reads roll (measured gain 0.89 on a real clip,
+  which moves the mouth corners sideways by the error times a lever of about 1.2 D). With fewer than
+  :data:`MIN_CORNERS` corners the mesh's rotation is kept whole and only scale and shift are fitted.
+* The measured points are tracked in crops resampled into the rest pose (:func:`stabilize`), then a
+  point's head-frame position solves ``M_t[:, :2] h = p − c_t − M_t[:, 2] z`` (``M_t`` the
   fitted 2×3 weak-perspective camera, ``z`` the point's FaceMesh depth at rest): the movement is taken
   to lie in the head's frontal plane, which holds for the commissure, lids and brows to first order.
 
@@ -33,6 +34,7 @@ Coordinates are image pixels (or crop pixels): x right, y DOWN, z MediaPipe dept
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -63,41 +65,15 @@ STABLE_ALL: tuple[int, ...] = tuple(sorted(set(_NOSE + _CANTHI + _TEMPLES + _LOW
 
 
 # ------------------------------------------------------------------------------------------ 3-D fits
-def similarity_3d(
-    src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None
-) -> tuple[float, np.ndarray, np.ndarray]:
-    """Weighted Umeyama fit ``dst ≈ s R src + t``: points (N, 3) → (s, R (3, 3) proper, t (3,))."""
-    w = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    mu_s, mu_d = w @ src, w @ dst
-    a, b = src - mu_s, dst - mu_d
-    cov = (b * w[:, None]).T @ a
-    u, sig, vt = np.linalg.svd(cov)
-    fix = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt)) or 1.0])
-    rot = u @ fix @ vt
-    var = float(w @ np.sum(a * a, axis=1))
-    s = float(np.sum(sig * np.diag(fix)) / max(var, 1e-12))
-    return s, rot, mu_d - s * rot @ mu_s
-
-
 def robust_similarity_3d(
     src: np.ndarray, dst: np.ndarray, iterations: int = 4
 ) -> tuple[float, np.ndarray, np.ndarray]:
-    """:func:`similarity_3d` with Tukey-biweight reweighting (scale: 4.685 × 1.4826 × MAD of residuals),
-    so that points an expression moves lose their say. NaN rows are ignored; needs ≥ 4 finite points."""
-    ok = np.isfinite(src).all(axis=1) & np.isfinite(dst).all(axis=1)
-    if ok.sum() < 4:
+    """Robust 3-D similarity ``dst ≈ s R src + t`` of one frame (:func:`robust_similarities_3d`):
+    points (N, 3) → (s, R (3, 3) proper, t (3,)). NaN rows are ignored; needs ≥ 4 finite points."""
+    s, rot, t = robust_similarities_3d(src, np.asarray(dst, dtype=np.float64)[None], iterations)
+    if not np.isfinite(s[0]):
         raise ValueError("fewer than 4 stable points")
-    src, dst = src[ok], dst[ok]
-    w = np.ones(len(src))
-    s, rot, t = similarity_3d(src, dst, w)
-    for _ in range(iterations):
-        res = np.linalg.norm(dst - (s * src @ rot.T + t), axis=1)
-        w = _tukey(res, floor=1e-6)
-        if (w > 0).sum() < 4:
-            break
-        s, rot, t = similarity_3d(src, dst, w)
-    return s, rot, t
+    return float(s[0]), rot[0], t[0]
 
 
 def euler_deg(rot: np.ndarray) -> tuple[float, float, float]:
@@ -122,9 +98,11 @@ def out_of_plane(rot: np.ndarray) -> np.ndarray:
 def robust_similarities_3d(
     src: np.ndarray, dst: np.ndarray, iterations: int = 4
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`robust_similarity_3d` for many frames at once: ``src`` (K, 3), ``dst`` (T, K, 3) →
-    (s (T,), R (T, 3, 3), t (T, 3)); NaN for frames with fewer than 4 finite points. Batched (one SVD
-    call for all frames per iteration): the per-frame loop cost more than the rest of the analysis."""
+    """Weighted Umeyama fits ``dst[t] ≈ s R src + t`` for many frames at once, reweighted with Tukey's
+    biweight (scale 4.685 × 1.4826 × median residual) so that points an expression moves lose their say:
+    ``src`` (K, 3), ``dst`` (T, K, 3) → (s (T,), R (T, 3, 3) proper, t (T, 3)); NaN for frames with fewer
+    than 4 finite points. Batched (one SVD call for all frames per iteration): a per-frame loop cost more
+    than the rest of the analysis."""
     n_t = len(dst)
     finite = np.isfinite(dst).all(axis=2) & np.isfinite(src).all(axis=1)[None]
     dst0, src0 = np.where(finite[..., None], dst, 0.0), np.nan_to_num(src)
@@ -175,23 +153,6 @@ def frontalize(landmarks: np.ndarray, rest: np.ndarray, stable: tuple[int, ...] 
 
 
 # ---------------------------------------------------------------------------------------- pixels
-@dataclass(frozen=True)
-class HeadFrame:
-    """Pixel-tracked points expressed in the head's frame at rest.
-
-    Attributes
-    ----------
-    positions
-        (T, N, 2) head-frame positions of the measured points, in the rest image's pixels; NaN where a
-        point or the frame's fit is missing.
-    motion
-        The head motion removed over these frames, and the residual of the fit.
-    """
-
-    positions: np.ndarray
-    motion: HeadMotion | None
-
-
 def _tukey(res: np.ndarray, floor: float = 1e-3) -> np.ndarray:
     """Tukey biweights of residuals ``res`` (K,), scale 4.685 × 1.4826 × their median (at least ``floor``).
     The median by partition: np.median's overhead dominated these small per-frame fits."""
@@ -334,6 +295,27 @@ class HeadFit:
     motion: HeadMotion | None
 
 
+def motion_summary(
+    angles: Sequence[tuple[float, float, float]],
+    scales_pct: Sequence[float],
+    shifts_d: Sequence[float],
+    residuals_d: Sequence[float],
+    max_residual_d: float,
+) -> HeadMotion | None:
+    """The quality figure of a segment from per-frame fits: the largest |yaw|, |pitch|, |roll|
+    (``angles`` as :func:`euler_deg` gives them), |scale change| and shift, and the 90th percentile of
+    the fits' residuals (D), corrected when that is at most ``max_residual_d``. None without a frame."""
+    if not len(residuals_d):
+        return None
+    a = np.abs(np.asarray(angles, dtype=np.float64))
+    resid = float(np.percentile(residuals_d, 90))
+    return HeadMotion(
+        roll_deg=float(a[:, 2].max()), yaw_deg=float(a[:, 0].max()), pitch_deg=float(a[:, 1].max()),
+        scale_pct=float(np.max(np.abs(scales_pct))), shift_d=float(np.max(np.abs(shifts_d))),
+        residual_d=resid, corrected=resid <= max_residual_d,
+    )
+
+
 def fit_head_motion(
     stable: np.ndarray,
     stable_rest: np.ndarray,
@@ -343,11 +325,31 @@ def fit_head_motion(
     from_pixels: bool,
     max_residual_d: float = 0.05,
 ) -> HeadFit:
-    """Fit the head's pose in every frame from tracked stable points (see :func:`to_head_frame` for the
-    parameters)."""
+    """Fit the head's pose in every frame from tracked stable points.
+
+    Parameters
+    ----------
+    stable
+        (T, K, 2) tracked pixel positions of the stable points (NaN where lost).
+    stable_rest
+        (K, 3) the stable points at rest: tracked x, y and FaceMesh z (the measured points' depths must
+        share its origin; only differences count).
+    rotations
+        (T, 3, 3) head rotation from rest per frame (:func:`rest_rotations`); a frame whose rotation is
+        not finite is not fitted.
+    eye_distance
+        D at rest in these pixels (for the figures in D).
+    from_pixels
+        Fit roll and refine yaw and pitch on the tracked stable points (enough of them, textured) rather
+        than take the mesh's rotation whole.
+    max_residual_d
+        Above this 90th-percentile residual (RMS of the stable inliers, D) the motion counts as not
+        corrected.
+    """
     n_t = len(stable)
     cams, shifts = np.full((n_t, 2, 3), np.nan), np.full((n_t, 2), np.nan)
-    rolls, yaws, pitches, scales, moves, residuals = [], [], [], [], [], []
+    angles: list[tuple[float, float, float]] = []
+    scales, moves, residuals = [], [], []
     centre_rest = stable_rest.mean(axis=0)
     for t in range(n_t):
         ok = np.isfinite(stable[t]).all(axis=1)
@@ -361,24 +363,10 @@ def fit_head_motion(
         cams[t], shifts[t] = cam, c
         s = float(np.linalg.norm(cam[0]))
         residuals.append(_rms(dst[inl] - (src3[inl] @ cam.T + c)) / eye_distance)
-        yaw, pitch, roll = euler_deg(np.vstack([cam / s, np.cross(cam[0], cam[1]) / s**2]))
-        rolls.append(roll)
-        yaws.append(yaw)
-        pitches.append(pitch)
+        angles.append(euler_deg(np.vstack([cam / s, np.cross(cam[0], cam[1]) / s**2])))
         scales.append(100.0 * (s - 1.0))
         moves.append(float(np.linalg.norm(cam @ centre_rest + c - centre_rest[:2])) / eye_distance)
-    if not residuals:
-        return HeadFit(cams, shifts, None)
-
-    def top(v: list[float]) -> float:
-        return float(np.max(np.abs(v)))
-
-    resid = float(np.percentile(residuals, 90))
-    motion = HeadMotion(
-        roll_deg=top(rolls), yaw_deg=top(yaws), pitch_deg=top(pitches), scale_pct=top(scales),
-        shift_d=top(moves), residual_d=resid, corrected=resid <= max_residual_d,
-    )
-    return HeadFit(cams, shifts, motion)
+    return HeadFit(cams, shifts, motion_summary(angles, scales, moves, residuals, max_residual_d))
 
 
 def head_positions(points: np.ndarray, depth: np.ndarray, fit: HeadFit) -> np.ndarray:
@@ -402,50 +390,3 @@ def stabilize(crop: np.ndarray, cam: np.ndarray, shift: np.ndarray, depth: float
     h, w = crop.shape[:2]
     return np.asarray(cv2.warpAffine(crop, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                      borderMode=cv2.BORDER_REPLICATE))
-
-
-def to_head_frame(
-    points: np.ndarray,
-    depth: np.ndarray,
-    stable: np.ndarray,
-    stable_rest: np.ndarray,
-    rotations: np.ndarray,
-    eye_distance: float,
-    *,
-    from_pixels: bool,
-    max_residual_d: float = 0.05,
-) -> HeadFrame:
-    """Remove the head's rigid motion from tracked points (:func:`fit_head_motion`, then
-    :func:`head_positions`).
-
-    Parameters
-    ----------
-    points
-        (T, N, 2) tracked pixel positions of the measured points (NaN where lost).
-    depth
-        (N,) their depth at rest (FaceMesh z, same pixels), relative to anything (only differences count).
-    stable
-        (T, K, 2) tracked pixel positions of the stable points.
-    stable_rest
-        (K, 3) the stable points at rest: tracked x, y and FaceMesh z (same depth origin as ``depth``).
-    rotations
-        (T, 3, 3) head rotation from rest per frame (:func:`rest_rotations`); a frame whose rotation is
-        not finite is left NaN.
-    eye_distance
-        D at rest in these pixels (for the figures in D).
-    from_pixels
-        Fit roll and refine yaw and pitch on the tracked stable points (enough of them, textured) rather
-        than take the mesh's rotation whole.
-    max_residual_d
-        Above this 90th-percentile residual (RMS of the stable inliers, D) the motion counts as not
-        corrected.
-
-    Returns
-    -------
-    HeadFrame
-        Positions in the rest frame's pixels; ``motion`` None when no frame could be fitted.
-    """
-    fit = fit_head_motion(
-        stable, stable_rest, rotations, eye_distance, from_pixels=from_pixels, max_residual_d=max_residual_d
-    )
-    return HeadFrame(head_positions(points, depth, fit), fit.motion)

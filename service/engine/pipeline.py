@@ -332,25 +332,15 @@ def _landmark_head_motion(
     d = float(nz.interocular_distance(rest3d[None])[0])
     if not (np.isfinite(rest3d[stable]).all() and d > 0):
         return None
-    rows = []
-    for frame in seg:
-        try:
-            s, rot, t = hm.robust_similarity_3d(rest3d[stable], frame[stable])
-        except (ValueError, np.linalg.LinAlgError):
-            continue
-        fitted = s * rest3d[stable] @ rot.T + t
-        resid = float(np.sqrt(np.mean(np.sum((frame[stable] - fitted) ** 2, axis=1)))) / d
-        shift = float(np.linalg.norm((fitted - rest3d[stable])[:, :2].mean(axis=0))) / d
-        rows.append((*hm.euler_deg(rot), 100.0 * (s - 1.0), shift, resid))
-    if not rows:
-        return None
-    a = np.abs(np.array(rows))
-    resid = float(np.percentile(a[:, 5], 90))
-    return HeadMotion(
-        roll_deg=float(a[:, 2].max()), yaw_deg=float(a[:, 0].max()), pitch_deg=float(a[:, 1].max()),
-        scale_pct=float(a[:, 3].max()), shift_d=float(a[:, 4].max()), residual_d=resid,
-        corrected=resid <= max_residual_d,
-    )
+    scale, rot, shift = hm.robust_similarities_3d(rest3d[stable], seg[:, stable])
+    angles, scales, moves, residuals = [], [], [], []
+    for k in np.flatnonzero(np.isfinite(scale)):
+        fitted = scale[k] * rest3d[stable] @ rot[k].T + shift[k]
+        residuals.append(float(np.sqrt(np.mean(np.sum((seg[k, stable] - fitted) ** 2, axis=1)))) / d)
+        moves.append(float(np.linalg.norm((fitted - rest3d[stable])[:, :2].mean(axis=0))) / d)
+        angles.append(hm.euler_deg(rot[k]))
+        scales.append(100.0 * (scale[k] - 1.0))
+    return hm.motion_summary(angles, scales, moves, residuals, max_residual_d)
 
 
 def _task_signal(

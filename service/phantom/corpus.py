@@ -28,15 +28,14 @@ Head motion (:mod:`service.phantom.head`) is laid over any case: rigid, so it le
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from service.domain import Side, Task
+from service.phantom.freeze import decode_clip, freeze_half
 from service.phantom.head import HeadMotionSpec, apply_head_motion_to_clip
 from service.phantom.render import PhantomSpec, TaskMotion, frames_with_head_motion, load_face, render
 
@@ -170,7 +169,7 @@ def photo_path(face: str, src: Sources) -> Path:
         if not out.exists():
             import cv2
 
-            frames = _decode(_extra(src))
+            frames = decode_clip(_extra(src))[0]
             for _ in range(WOLFGANG_STILL):
                 next(frames)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,27 +196,11 @@ def clip_path(clip: str, src: Sources) -> Path:
         from service.media.encode import encode_mp4
 
         first, last = WOLFGANG_FRAMES
-        kept = [f for k, f in enumerate(_decode(_extra(src))) if first <= k <= last]
+        frames, fps, _, _ = decode_clip(_extra(src))
+        kept = [f for k, f in enumerate(frames) if first <= k <= last]
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(encode_mp4(iter(kept), _fps(_extra(src))))
+        out.write_bytes(encode_mp4(iter(kept), fps))
     return out
-
-
-def _decode(path: Path) -> Iterator[np.ndarray]:
-    import av
-
-    with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            rgb = frame.to_ndarray(format="rgb24")
-            yield np.ascontiguousarray(rgb[: rgb.shape[0] // 2 * 2, : rgb.shape[1] // 2 * 2])
-
-
-def _fps(path: Path) -> float:
-    import av
-
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        return float(stream.average_rate or stream.guessed_rate or 30.0)
 
 
 # ------------------------------------------------------------------------------------- making
@@ -225,7 +208,6 @@ def make_case(case: Case, src: Sources) -> Path:
     """Write the case's clip (H.264 MP4) and its truth JSON into the work dir; returns the clip's path.
     Existing clips are kept (the corpus is made once, then analysed by any engine version)."""
     from service.media.encode import encode_mp4
-    from service.phantom.freeze import freeze_half
 
     work_dir = src.work_dir
     out = work_dir / f"{case.name}.mp4"
@@ -241,16 +223,16 @@ def make_case(case: Case, src: Sources) -> Path:
         freeze_half(clip_path(case.source, src), case.frozen, out, in_head_frame=True,
                     head_motion=None if spec.still else spec)
     else:
+        from service.engine.landmarks import detect_image
         from service.phantom.motion import eye_distance
 
         real = clip_path(case.source, src)
-        fps = _fps(real)
-        from service.engine.landmarks import detect_image
-
-        lm = detect_image(next(_decode(real)))
+        frames, fps, _, _ = decode_clip(real)
+        first = next(frames)
+        lm = detect_image(first)
         if lm is None:
             raise ValueError(f"{real}: no face in the first frame")
-        frames = apply_head_motion_to_clip(_decode(real), spec, fps, eye_distance(lm))
-        out.write_bytes(encode_mp4(frames, fps))
+        moved = apply_head_motion_to_clip(itertools.chain([first], frames), spec, fps, eye_distance(lm))
+        out.write_bytes(encode_mp4(moved, fps))
     out.with_suffix(".json").write_text(json.dumps(case.to_json(), indent=1))
     return out

@@ -167,7 +167,8 @@ def freeze_frames_in_head_frame(
         yield next(freeze_frames(iter([f]), ref, m))
 
 
-def _decode(path: Path) -> tuple[Generator[np.ndarray, None, None], float, int, int]:
+def decode_clip(path: Path) -> tuple[Generator[np.ndarray, None, None], float, int, int]:
+    """(RGB frames cropped to even sizes, as a generator, fps, width, height) of any clip PyAV decodes."""
     import av
 
     try:
@@ -237,7 +238,7 @@ def freeze_half(
     if in_head_frame and amplitude:
         raise InvalidParameterError("in_head_frame freezes the half (amplitude 0); got amplitude {amplitude}")
     clip_path, out_path = Path(clip_path), Path(out_path)
-    frames, fps, w, h = _decode(clip_path)
+    frames, fps, w, h = decode_clip(clip_path)
     try:
         first = next(frames)
     except StopIteration:

@@ -74,10 +74,6 @@ class Figure:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return self.image if dtype is None else self.image.astype(dtype)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.image.shape)
-
 
 #: Captions for the web console and anyone listing the figures.
 FIGURE_CAPTIONS = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service.domain import HeadMotion
 from service.engine import headmotion as hm
 
 
@@ -15,6 +16,15 @@ def _rot(yaw: float, pitch: float, roll: float) -> np.ndarray:
     ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
     rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
     return np.asarray(rz @ ry @ rx)
+
+
+def _to_head_frame(
+    points: np.ndarray, depth: np.ndarray, stable: np.ndarray, stable_rest: np.ndarray, rotations: np.ndarray,
+    eye_distance: float, **kw: object,
+) -> tuple[np.ndarray, HeadMotion | None]:
+    """What the pipeline does: fit the head's pose on the stable points, then solve the measured ones."""
+    fit = hm.fit_head_motion(stable, stable_rest, rotations, eye_distance, **kw)  # type: ignore[arg-type]
+    return hm.head_positions(points, depth, fit), fit.motion
 
 
 def _head(n: int = 40, seed: int = 0) -> np.ndarray:
@@ -53,7 +63,7 @@ def test_frontalize_removes_rigid_motion_and_keeps_expression() -> None:
 
 
 @pytest.mark.parametrize("from_pixels", [True, False])
-def test_to_head_frame_recovers_displacements_under_roll_yaw_pitch_scale(from_pixels: bool) -> None:
+def test_head_frame_recovers_displacements_under_roll_yaw_pitch_scale(from_pixels: bool) -> None:
     stable = _head(30, seed=2)
     measured = _head(8, seed=3)
     motion = np.zeros((8, 2))
@@ -70,37 +80,37 @@ def test_to_head_frame_recovers_displacements_under_roll_yaw_pitch_scale(from_pi
             moved[:, :2] += motion
         pts.append(moved @ cam.T + shift)
         rots.append(rot)
-    head = hm.to_head_frame(
+    positions, head = _to_head_frame(
         np.array(pts), measured[:, 2], np.array(st), stable, np.array(rots), 100.0,
         from_pixels=from_pixels,
     )
-    assert np.allclose(head.positions[0], measured[:, :2], atol=1e-6)
+    assert np.allclose(positions[0], measured[:, :2], atol=1e-6)
     for k in (1, 2):
-        assert np.allclose(head.positions[k] - measured[:, :2], motion, atol=1e-6)
-    assert head.motion is not None and head.motion.corrected
-    assert head.motion.roll_deg == pytest.approx(6, abs=1e-6)
-    assert head.motion.yaw_deg == pytest.approx(10, abs=1e-6)
-    assert head.motion.scale_pct == pytest.approx(7, abs=1e-4)
-    assert head.motion.residual_d == pytest.approx(0, abs=1e-9)
+        assert np.allclose(positions[k] - measured[:, :2], motion, atol=1e-6)
+    assert head is not None and head.corrected
+    assert head.roll_deg == pytest.approx(6, abs=1e-6)
+    assert head.yaw_deg == pytest.approx(10, abs=1e-6)
+    assert head.scale_pct == pytest.approx(7, abs=1e-4)
+    assert head.residual_d == pytest.approx(0, abs=1e-9)
 
 
-def test_to_head_frame_with_no_fittable_frame_reports_no_motion_not_nan() -> None:
+def test_head_frame_with_no_fittable_frame_reports_no_motion_not_nan() -> None:
     nan = np.full((2, 30, 2), np.nan)
-    head = hm.to_head_frame(
+    positions, head = _to_head_frame(
         np.zeros((2, 4, 2)), np.zeros(4), nan, _head(30), np.full((2, 3, 3), np.nan), 100.0,
         from_pixels=True,
     )
-    assert head.motion is None and np.isnan(head.positions).all()
+    assert head is None and np.isnan(positions).all()
 
 
 def test_a_frame_the_stable_points_do_not_fit_is_flagged_not_corrected() -> None:
     stable = _head(30, seed=4)
     frames = np.stack([stable[:, :2], stable[:, :2] + np.random.default_rng(5).normal(0, 15, (30, 2))])
-    head = hm.to_head_frame(
+    _, head = _to_head_frame(
         frames[:, :4], stable[:4, 2], frames, stable, np.stack([np.eye(3)] * 2), 100.0,
         from_pixels=True, max_residual_d=0.05,
     )
-    assert head.motion is not None and head.motion.residual_d > 0.05 and not head.motion.corrected
+    assert head is not None and head.residual_d > 0.05 and not head.corrected
 
 
 def test_pixels_correct_a_mesh_that_under_reads_a_head_turn() -> None:
@@ -111,9 +121,9 @@ def test_pixels_correct_a_mesh_that_under_reads_a_head_turn() -> None:
     mesh_rot = np.stack([np.eye(3), _rot(4, -3, 3)])  # the mesh saw 40 % of the yaw and pitch
     st = np.stack([stable[:, :2], stable @ true_rot[:2].T])
     pts = np.stack([measured[:, :2], measured @ true_rot[:2].T])
-    fixed = hm.to_head_frame(pts, measured[:, 2], st, stable, mesh_rot, 100.0, from_pixels=True)
-    mesh_only = hm.to_head_frame(pts, measured[:, 2], st, stable, mesh_rot, 100.0, from_pixels=False)
-    err_fixed = np.abs(fixed.positions[1] - measured[:, :2]).max()
-    err_mesh = np.abs(mesh_only.positions[1] - measured[:, :2]).max()
+    fixed, _ = _to_head_frame(pts, measured[:, 2], st, stable, mesh_rot, 100.0, from_pixels=True)
+    mesh_only, _ = _to_head_frame(pts, measured[:, 2], st, stable, mesh_rot, 100.0, from_pixels=False)
+    err_fixed = np.abs(fixed[1] - measured[:, :2]).max()
+    err_mesh = np.abs(mesh_only[1] - measured[:, :2]).max()
     assert err_fixed < 0.5  # px, on a 100-px D: first order in the 6° the mesh missed
     assert err_mesh > 4 * err_fixed
