@@ -157,6 +157,13 @@ def _stronger_side(signal: np.ndarray) -> np.ndarray:
     return np.where(finite.any(axis=1), out, np.nan)
 
 
+#: Involuntary movement that a task causes elsewhere: {moved: cause}. A smile narrows the eyes.
+CROSS_TALK: dict[Task, Task] = {Task.EYE_CLOSURE: Task.SMILE}
+#: How much stronger (in units of full activation) a movement must be than a concurrent or neighbouring
+#: one to count as a task of its own rather than its cross-talk.
+CROSS_TALK_RATIO = 2.0
+
+
 def find_segments(
     signals: dict[Task, np.ndarray],
     full_activation: dict[Task, float],
@@ -173,7 +180,8 @@ def find_segments(
 
     Each task's stronger-side signal, in units of its full activation a1, is active where it exceeds
     ``active_fraction`` of its clip maximum (and that maximum exceeds the noise floor a0). Every active
-    frame goes to the task with the largest relative activation; runs shorter than ``min_duration_s`` go,
+    frame goes to the task with the largest relative activation, except that an eye closure concurrent with
+    a smile is the smile's unless much stronger (:data:`CROSS_TALK`); runs shorter than ``min_duration_s`` go,
     runs of one task closer than ``merge_gap_s`` merge, and a run next to a much stronger run of another
     task is cross-talk (a smile narrows the eyes) and goes too.
     """
@@ -195,6 +203,16 @@ def find_segments(
         )
     stack = np.stack([np.where(active[t], np.nan_to_num(rel[t], nan=-np.inf), -np.inf) for t in tasks])
     label = np.where(np.isfinite(stack.max(axis=0)), stack.argmax(axis=0), -1)
+    # Physiological cross-talk is one-way: a smile narrows the eyes (the cheeks rise), while closing the
+    # eyes does not lift the mouth corners up and out. So a frame where both are active is the smile's
+    # unless the closure is much stronger; a per-frame tie would otherwise split one smile into runs.
+    for moved, causes in CROSS_TALK.items():
+        if moved in tasks and causes in tasks:
+            m, c = tasks.index(moved), tasks.index(causes)
+            both = (label == m) & active[causes]
+            moved_rel, cause_rel = np.nan_to_num(rel[moved], nan=0.0), np.nan_to_num(rel[causes], nan=0.0)
+            weak = moved_rel <= CROSS_TALK_RATIO * cause_rel
+            label = np.where(both & weak, c, label)
 
     runs: list[list[int]] = []  # [task_index, a, b]
     for ti in range(len(tasks)):
@@ -223,7 +241,7 @@ def find_segments(
     for i, r in enumerate(merged):
         neighbours = [m for j, m in enumerate(merged) if j != i and m[0] != r[0]
                       and (abs(m[1] - r[2]) <= gap or abs(r[1] - m[2]) <= gap or (m[1] <= r[1] <= m[2]))]
-        if any(peak(m) > 2.0 * peak(r) for m in neighbours):
+        if any(peak(m) > CROSS_TALK_RATIO * peak(r) for m in neighbours):
             continue
         kept.append(r)
 

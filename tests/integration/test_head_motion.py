@@ -55,7 +55,9 @@ def test_five_degrees_of_roll_do_not_change_a_healthy_real_smile(made) -> None:
     assert b["asymmetry_index"] < 0.4
 
 
-@pytest.mark.parametrize("name", ["single_face-frozen-left-inplane", "wolfgang-frozen-right-inplane"])
+@pytest.mark.parametrize(
+    "name", ["single_face-frozen-left-inplane", "wolfgang-frozen-right-inplane", "wolfgang-frozen-left-turn"]
+)
 def test_a_half_frozen_in_the_heads_frame_is_found_by_auto_and_named(made, name: str) -> None:
     case, doc = made(name)
     assert case.analyse_task is None  # --task auto

@@ -339,3 +339,25 @@ def test_extend_to_motion_widens_to_the_ramps():
     # Never into the rest interval, never past limit.
     seg = tk.Segment(Task.SMILE, 4, 5, 0, 2)
     assert tk.extend_to_motion(b, seg, 0.1, 7) == (3, 6)
+
+
+def test_find_segments_smile_squint_as_strong_as_the_smile_stays_one_smile():
+    """A Duchenne smile whose squint reads as much full activation as the smile itself, alternating
+    just above and below it frame by frame (as on a real smile under a head turn): one smile segment,
+    not a few frames of each (per-frame argmax used to leave a 7-frame smile, rest and peak together)."""
+    sig = _quiet(120)
+    sig[Task.SMILE][30:90, 1] = 0.08 * 0.9
+    sig[Task.EYE_CLOSURE][30:90, 1] = 0.3 * np.where(np.arange(60) % 8 < 4, 0.95, 0.85)
+    segs = tk.find_segments(sig, A1, A0, FPS)
+    assert [(s.task, s.start, s.end, s.rest_start, s.rest_end) for s in segs] == [(Task.SMILE, 29, 90, 0, 28)]
+
+
+def test_find_segments_eye_closure_with_cheek_lift_stays_an_eye_closure():
+    """A forceful eye closure (rel 3) lifts the cheeks and the mouth corners a little (rel 0.5): the
+    closure is much stronger than its concurrent smile signal, so it is the task; the one-way smile→eye
+    cross-talk rule does not take it."""
+    sig = _quiet(150)
+    sig[Task.EYE_CLOSURE][30:90] = 0.9
+    sig[Task.SMILE][30:90] = 0.04
+    segs = tk.find_segments(sig, A1, A0, FPS)
+    assert [s.task for s in segs] == [Task.EYE_CLOSURE]
