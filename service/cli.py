@@ -161,17 +161,27 @@ def _console() -> Console:
 
 def result_table(doc: dict[str, Any]) -> Table:
     table = Table(title="FaceSym result (sides are the patient's)")
-    for col in ("task", "frames", "left", "right", "AI", "gate", "AS", "CI", "CS", "weaker", "method"):
-        table.add_column(col, justify="right" if col not in ("task", "weaker", "method") else "left")
+    texts = ("task", "weaker", "method", "grade*")
+    columns = ("task", "frames", "left", "right", "AI", "gate", "AS", "CI", "CS", *texts[1:])
+    for col in columns:
+        table.add_column(col, justify="left" if col in texts else "right")
     for t in doc["tasks"]:
         gate = f"{t['activation_gate']:.2f}" + (" (low)" if t["insufficient_activation"] else "")
         table.add_row(
             t["task"], f"{t['frames'][0]}–{t['frames'][1]}", f"{t['left']['magnitude']:.3f}",
             f"{t['right']['magnitude']:.3f}", f"{t['asymmetry_index']:.2f}", gate,
             f"{t['asymmetry_score']:.0f}", f"{t['cosine_index']:.2f}", f"{t['cosine_score']:.0f}",
-            t["weaker_side"] or "none", t["method"],
+            t["weaker_side"] or "none", t["method"], _grade_cell((t.get("grade") or {}).get("label")),
         )
     return table
+
+
+def finding_line(doc: dict[str, Any]) -> str | None:
+    """The one-sentence finding of one analysed input (as the SR's impression and the console say it),
+    with the grade's caveat; the table's "grade*" refers to it."""
+    from service.report.summary import finding_of_documents
+
+    return finding_of_documents([doc], doc.get("tasks", []))
 
 
 def analyze_path(
@@ -256,6 +266,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return EXIT_NOT_ANALYSABLE
     if args.json != "-":
         console.print(result_table(doc))
+        if (finding := finding_line(doc)) is not None:
+            console.print(f"Finding: {finding}", soft_wrap=True, markup=False)
         for w in doc["quality"]["warnings"]:
             console.print(f"[yellow]warning:[/] {escape(w)}")
         for t in doc["tasks"]:
@@ -571,22 +583,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console = _console()
     settings = load_settings(args.config)
     port = settings.demo_receiver_port if args.receiver_port is None else args.receiver_port
-    results = run_demo(settings, port)
+    results, impression = run_demo(settings, port)
     table = Table(title="Scores read back from the DICOM SR (sides are the patient's)")
-    for col in ("instance", "task", "left", "right", "AI", "gate", "AS", "CS", "weaker"):
+    for col in ("instance", "task", "left", "right", "AI", "gate", "AS", "CS", "weaker", "grade*"):
         table.add_column(col)
     for group in results:
         for t in group["tasks"]:
             table.add_row(group["sop_instance_uid"][-12:], t["task"], f"{t['left']:.3f}", f"{t['right']:.3f}",
                           f"{t['asymmetry_index']:.2f}", f"{t['activation_gate']:.2f}",
                           f"{t['asymmetry_score']:.0f}", f"{t['cosine_score']:.0f}",
-                          t["weaker_side"] or "none")
+                          t["weaker_side"] or "none", _grade_cell(t.get("grade")))
         if not group["quality_ok"]:
             table.add_row(
-                group["sop_instance_uid"][-12:], "not analysable", "; ".join(group["reasons"]), *[""] * 6
+                group["sop_instance_uid"][-12:], "not analysable", "; ".join(group["reasons"]), *[""] * 7
             )
     console.print(table)
+    if impression:
+        console.print(f"Impression (from the SR): {impression}", soft_wrap=True, markup=False)
     return EXIT_OK
+
+
+def _grade_cell(label: object) -> str:
+    """A task's House–Brackmann class from the deep grader (the caveat is printed with the finding)."""
+    return f"HB {label}" if isinstance(label, str) and label else "–"
 
 
 def _quiet_pydicom() -> None:

@@ -140,10 +140,13 @@ def facesym_answers(host: str, port: int, ae_title: str) -> bool:
     return True
 
 
-def run_demo(settings: Settings, receiver_port: int = 0, timeout: float = 300.0) -> list[dict[str, Any]]:
+def run_demo(
+    settings: Settings, receiver_port: int = 0, timeout: float = 300.0
+) -> tuple[list[dict[str, Any]], str | None]:
     """Send a phantom exam to FaceSym (an embedded one if none answers at the configured address) and
-    return the per-instance results read back from the SR that arrives at the demo receiver."""
-    from service.report.sr import read_report
+    return what the SR that arrives at the demo receiver says: the per-instance results
+    (:func:`service.report.sr.read_report`) and the study's impression sentence."""
+    from service.report.sr import read_impression, read_report
 
     receiver = Receiver(receiver_port)
     service = None
@@ -178,7 +181,7 @@ def run_demo(settings: Settings, receiver_port: int = 0, timeout: float = 300.0)
                 f"{DEMO_AE}@127.0.0.1:{receiver.port}, or stop it and let the demo start its own."
             )
             raise FaceSymError(f"no SR for study {study_uid} within {timeout:.0f} s.{how}")
-        return read_report(sr)
+        return read_report(sr), read_impression(sr)
     finally:
         if service is not None:
             service.stop()

@@ -709,6 +709,23 @@ def _read_task(group: MeasurementsAndQualitativeEvaluations, task: Task, frames:
     }
 
 
+def read_impression(ds: pydicom.Dataset) -> str | None:
+    """The impression sentence that :func:`build_report` writes (TID 1500 "Qualitative Evaluations",
+    UMLS C0034375, TEXT "Impression", DCM 121073; PS3.16 TID 1500 row 12), or None where there is none."""
+
+    def named(item: Any, code: Any) -> bool:
+        names = getattr(item, "ConceptNameCodeSequence", None) or []
+        return len(names) > 0 and (names[0].CodeValue, names[0].CodingSchemeDesignator) == (
+            code.value, code.scheme_designator)
+
+    for item in getattr(ds, "ContentSequence", []):
+        if getattr(item, "ValueType", "") == "CONTAINER" and named(item, codes.QUALITATIVE_EVALUATIONS):
+            for child in getattr(item, "ContentSequence", []):
+                if getattr(child, "ValueType", "") == "TEXT" and named(child, codes.IMPRESSION):
+                    return str(child.TextValue)
+    return None
+
+
 def read_report(ds: pydicom.Dataset) -> list[dict[str, Any]]:
     """Read back what :func:`build_report` wrote (the reader for round-trip tests and ``facesym demo``).
 

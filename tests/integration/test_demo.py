@@ -29,6 +29,10 @@ def test_demo_prints_the_scores_read_back_from_the_sr(tmp_path: Path) -> None:
     rows = {m.group(1): m.group(2) for m in row.finditer(out)}
     # The exam's patient is weak on the left in smile and brow raise, symmetric in eye closure.
     assert rows == {"smile": "left", "eye_closure": "none", "brow_raise": "left"}, out
+    # The grade column and the SR's own impression sentence, read back from the SR (TID 1500 row 12).
+    assert "grade*" in out and "│ HB " in out, out
+    (impression,) = [line for line in out.splitlines() if line.startswith("Impression (from the SR): ")]
+    assert "Patient's left weaker: smile AI" in impression and "trained on synthetic data" in impression, out
     # Nobody listening at first, and ticks skipped by design, are not errors or warnings in the output.
     assert " ERROR " not in out and "skipped: maximum number of running instances" not in out, out
 

@@ -115,3 +115,16 @@ def test_unreadable_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["analyze", str(bad)]) == 2
     assert "unreadable input" in capsys.readouterr().out
     assert main(["analyze", str(tmp_path / "missing.mp4")]) == 2
+
+
+def test_analyze_prints_the_grade_and_the_finding_with_its_caveat(
+    faces_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The table has the deep grader's class per task, and one line says the finding, the grade and
+    what the grader learnt from (the same sentence as the SR's impression), with the JSON's numbers."""
+    assert main(["analyze", str(faces_dir / "single_face.mp4"), "--task", "smile"]) == 0
+    out = capsys.readouterr().out
+    assert "grade*" in out and "│ HB " in out, out
+    (finding,) = [line for line in out.splitlines() if line.startswith("Finding: ")]
+    assert "smile" in finding and "AI 0." in finding and "AS " in finding, finding
+    assert "House-Brackmann" in finding and "trained on synthetic data" in finding, finding

@@ -18,7 +18,14 @@ from service.domain import Analysis, GradeResult, Quality, RegionSymmetry, Stati
 from service.errors import InvalidParameterError
 from service.media.dicom_io import build_video_photographic, build_vl_photograph
 from service.report import codes
-from service.report.sr import InstanceFinding, build_report, read_report, report_uids, sr_number
+from service.report.sr import (
+    InstanceFinding,
+    build_report,
+    read_impression,
+    read_report,
+    report_uids,
+    sr_number,
+)
 
 PATIENT = "DOE^JANE"
 N_FRAMES, ENGINE = shared.N_FRAMES, shared.ENGINE
@@ -155,6 +162,9 @@ def test_impression_leads_the_report(written: Path) -> None:
     assert text.ConceptNameCodeSequence[0].CodeValue == "121073" and text.ValueType == "TEXT"
     assert text.TextValue.startswith("Patient's ") and "smile AI" in text.TextValue
     assert ds.ContinuityOfContent == "SEPARATE" and qual.ContinuityOfContent == "SEPARATE"
+    assert read_impression(ds) == text.TextValue  # the reader finds it (facesym demo prints it)
+    del ds.ContentSequence[ds.ContentSequence.index(qual)]
+    assert read_impression(ds) is None
 
 
 def test_head_motion_items_units_and_verdict(written: Path) -> None:
