@@ -66,6 +66,16 @@ def fmt_date(d: str) -> str:
     return f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 and d.isdigit() else d
 
 
+def fmt_when(date: str, time: str | None) -> str:
+    """StudyDate (DA) and StudyTime (TM, ``HHMM[SS[.f]]``) as ``YYYY-MM-DD HH:MM``: several studies of one
+    patient on one day must be told apart. The date alone where the time is missing or malformed."""
+    day = fmt_date(date)
+    t = (time or "").strip()
+    if len(t) >= 4 and t[:4].isdigit() and int(t[:2]) < 24 and int(t[2:4]) < 60:
+        return f"{day} {t[:2]}:{t[2:4]}" if day else day
+    return day
+
+
 # --- analysis results ------------------------------------------------------------------------------------
 
 
@@ -201,6 +211,7 @@ def _study_summary(
     return {
         "study_uid": study.study_uid,
         "study_date": fmt_date(study.study_date),
+        "study_when": fmt_when(study.study_date, study.study_time),
         "study_description": study.study_description,
         "accession_number": study.accession_number,
         "patient_id": patient.patient_id,
@@ -317,6 +328,7 @@ def study_detail(s: Session, study_uid: str, files_root: Path) -> dict[str, Any]
         j = jobs.get(st.id)
         earlier.append({
             "study_uid": st.study_uid, "study_date": fmt_date(st.study_date),
+            "study_when": fmt_when(st.study_date, st.study_time),
             "study_description": st.study_description, "state": j.state.value if j else None,
             "tasks": task_scores(parse_results(j.result_json)) if j else {},
         })

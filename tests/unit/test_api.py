@@ -90,7 +90,7 @@ def seed(sessions: sessionmaker[Session], files: Path) -> None:
         pre = Study(study_uid=PRE_UID, patient_pk=p.id, study_date="20240110", study_description="pre-op",
                     last_received_at=now - timedelta(days=60))
         post = Study(study_uid=POST_UID, patient_pk=p.id, study_date="20240310", study_description="post-op",
-                     accession_number="ACC42", last_received_at=now)
+                     study_time="143005.25", accession_number="ACC42", last_received_at=now)
         other = Study(study_uid=OTHER_UID, patient_pk=q.id, study_date="20240301", study_description="smile",
                       last_received_at=now - timedelta(days=1))
         s.add_all([pre, post, other])
@@ -332,6 +332,18 @@ def test_worklist_filters_and_audits_queries(env: dict[str, Any]) -> None:
     assert PRE_UID in c.get(f"/?q={PRE_UID[-5:]}").text
     queries = records(env, "110112")
     assert len(queries) == 4 and all('UserID="viewer"' in q.xml for q in queries)
+    # Dates carry the time where the study has one (several studies of a patient can share a day).
+    assert "2024-03-10 14:30" in page and "2024-01-10" in page and "2024-01-10 " not in page
+
+
+@pytest.mark.parametrize(("date", "time", "shown"), [
+    ("20240310", "143005.25", "2024-03-10 14:30"), ("20240310", "0905", "2024-03-10 09:05"),
+    ("20240310", "", "2024-03-10"), ("20240310", "9999", "2024-03-10"), ("", "1430", ""),
+])
+def test_study_dates_show_the_time_when_there_is_one(date: str, time: str, shown: str) -> None:
+    from service.api.data import fmt_when
+
+    assert fmt_when(date, time) == shown
 
 
 def test_study_page_shows_scores_comparison_figures_and_is_audited(env: dict[str, Any]) -> None:
