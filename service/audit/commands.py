@@ -33,8 +33,15 @@ def open_trail(settings: Any) -> AuditTrail | None:
 
 
 def verify_command(settings: Any, out: TextIO | None = None) -> int:
-    """Print ``OK`` and the record count (exit 0), or the first broken record (exit 1)."""
+    """Print ``OK`` and the record count (exit 0), or the first broken record (exit 1). A data dir with no
+    database fails too (exit 1): an intact-looking "OK: 0" would hide a wrong ``--config``/data dir or a
+    deleted database."""
     out = out or sys.stdout
+    missing = _missing_sqlite_file(settings.effective_database_url)
+    if missing is not None:
+        print(f"BROKEN: no audit database at {missing} (wrong --config or FACESYM_DATA_DIR, or the database "
+              "was removed): nothing could be verified", file=out)
+        return EXIT_BROKEN
     trail = open_trail(settings)
     result = trail.verify() if trail is not None else VerifyResult(True, 0)
     if result.ok:
@@ -72,10 +79,21 @@ def export_command(
         return EXIT_USAGE
     trail = open_trail(settings)
     if trail is None:
+        print(f"note: no audit database at {_missing_sqlite_file(settings.effective_database_url)}: "
+              "no records", file=sys.stderr)
         lines: Any = iter(['<?xml version="1.0" encoding="UTF-8"?>', "<AuditMessages>", "</AuditMessages>"]
                           if fmt == "xml" else [])
     else:
         lines = trail.export(when, "xml" if fmt == "xml" else "jsonl")
-    for line in lines:
-        print(line, file=out)
+    try:
+        for line in lines:
+            print(line, file=out)
+        out.flush()
+    except BrokenPipeError:
+        # `facesym audit export | head`: the reader has what it wanted. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again (Python docs, "Note on SIGPIPE").
+        if out is sys.stdout:
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK

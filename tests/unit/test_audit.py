@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
@@ -36,6 +39,8 @@ from service.audit.syslog import PendingRecord, format_message, frame
 from service.audit.trail import GENESIS, chain_hash
 from service.config import Settings
 from service.store.db import Instance, Patient, Series, Study, open_database
+
+ROOT = Path(__file__).resolve().parents[2]
 
 STUDY = "1.2.826.0.1.3680043.8.498.1001"
 VIDEO = "1.2.840.10008.5.1.4.1.1.77.1.4.1"
@@ -476,7 +481,8 @@ def test_record_never_raises() -> None:
 def test_commands_on_a_missing_and_an_empty_database(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "nowhere")
     out = io.StringIO()
-    assert verify_command(settings, out) == 0 and "0 record" in out.getvalue()
+    # No database is not an intact trail: a wrong data dir or a deleted database must not read "OK".
+    assert verify_command(settings, out) == 1 and "no audit database" in out.getvalue()
     assert not (tmp_path / "nowhere").exists()  # verify creates nothing
     out = io.StringIO()
     assert export_command(settings, None, "jsonl", out) == 0 and out.getvalue() == ""
@@ -498,6 +504,17 @@ def test_export_command(tmp_path: Path) -> None:
     assert len(ET.fromstring(out.getvalue()).findall("AuditMessage")) == 4
     assert export_command(settings, "yesterday", "jsonl", io.StringIO()) == 2
     assert export_command(settings, None, "csv", io.StringIO()) == 2
+
+
+def test_export_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`facesym audit export | head -1`: the reader closes the pipe early; no BrokenPipeError traceback."""
+    settings = Settings(data_dir=tmp_path)
+    _fill(AuditTrail(open_database(settings.effective_database_url)), 400)  # > a 64-kB pipe
+    env = dict(os.environ, FACESYM_DATA_DIR=str(tmp_path))
+    run = subprocess.run(f"{sys.executable} -m service.cli audit export | head -1", shell=True, cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert len(run.stdout.splitlines()) == 1 and json.loads(run.stdout)["seq"] == 1
+    assert "BrokenPipeError" not in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert parse_since("2024-05-01T12:00:00+02:00") == datetime(2024, 5, 1, 10, tzinfo=UTC)
 
 
