@@ -20,6 +20,7 @@ Logs carry AE titles, addresses and UIDs only, never patient names, IDs or birth
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -107,6 +108,13 @@ _REJECTION_STATUS = {
 
 #: Seconds a client has to complete the TLS handshake.
 TLS_HANDSHAKE_TIMEOUT = 30.0
+#: Seconds a connection has to start its A-ASSOCIATE-RQ (PS3.8 9.1.5: the acceptor's ARTIM timer) before
+#: it is closed. pynetdicom waits 30 s, and counts the wait against ``max_associations``: ten silent
+#: sockets, re-opened as they close, used to refuse every modality.
+PRE_ASSOCIATION_TIMEOUT = 5.0
+#: Connections that have not yet sent a byte, in all and from one IP address: beyond them a new
+#: connection is closed at once (it never reaches pynetdicom, so it never takes an association slot).
+MAX_SILENT_CONNECTIONS, MAX_SILENT_PER_PEER = 64, 8
 
 
 class FaceSymServer(ThreadedAssociationServer):
@@ -121,6 +129,44 @@ class FaceSymServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
         self.on_tls_refused = on_tls_refused
         self.companions: list[ThreadedAssociationServer] = []
+        self._silent: dict[str, int] = {}  # peer IP -> connections that have sent nothing yet
+        self._silent_lock = threading.Lock()
+
+    def _admit_silent(self, peer: str) -> bool:
+        with self._silent_lock:
+            full = sum(self._silent.values()) >= MAX_SILENT_CONNECTIONS
+            if full or self._silent.get(peer, 0) >= MAX_SILENT_PER_PEER:
+                return False
+            self._silent[peer] = self._silent.get(peer, 0) + 1
+            return True
+
+    def _spoke(self, peer: str) -> None:
+        with self._silent_lock:
+            left = self._silent.get(peer, 1) - 1
+            if left > 0:
+                self._silent[peer] = left
+            else:
+                self._silent.pop(peer, None)
+
+    def _first_bytes_arrive(self, request: Any, peer: str) -> bool:
+        """Wait at most :data:`PRE_ASSOCIATION_TIMEOUT` for the peer's first bytes (or its close), holding
+        one of the silent-connection places meanwhile. False: refused or silent, the connection is closed
+        and pynetdicom never sees it."""
+        if not self._admit_silent(peer):
+            log.warning("connection from %s closed: too many connections that have not associated", peer)
+            return False
+        try:
+            if isinstance(request, ssl.SSLSocket) and request.pending():
+                return True
+            ready, _, _ = select.select([request], [], [], PRE_ASSOCIATION_TIMEOUT)
+            if not ready:
+                log.info("connection from %s closed: no A-ASSOCIATE-RQ within %.0f s", peer,
+                         PRE_ASSOCIATION_TIMEOUT)
+            return bool(ready)
+        except (OSError, ValueError):
+            return False
+        finally:
+            self._spoke(peer)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         listener = cast(socket.socket, self.socket)
@@ -140,6 +186,10 @@ class FaceSymServer(ThreadedAssociationServer):
                     self.on_tls_refused(client_address, exc)
                 self.shutdown_request(request)
                 return
+        peer = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+        if not self._first_bytes_arrive(request, peer):
+            self.shutdown_request(request)
+            return
         super().process_request_thread(request, client_address)
 
     def shutdown(self) -> None:

@@ -395,3 +395,50 @@ def test_storescu_ct_is_refused_at_negotiation(scp, tmp_path):
         or "abort" in (run.stdout + run.stderr).lower()
     )
     assert scp.count(Instance) == 0
+
+
+def test_silent_connections_do_not_lock_out_an_allowed_modality(start, phantom_video, monkeypatch):
+    """Issue 14: raw TCP connects that never send an A-ASSOCIATE-RQ used to fill every association slot for
+    30 s each (pynetdicom's ARTIM wait counts as an association). Now they wait outside pynetdicom, at most
+    PRE_ASSOCIATION_TIMEOUT, in a capped pool: twice max_associations of them, kept open, do not stop an
+    allowed AE's C-ECHO and C-STORE, and they are closed by the server after the timeout. (All come from
+    127.0.0.1 here, as the modality does, so they stay under the per-peer cap of 8.)"""
+    import time
+
+    monkeypatch.setattr(scp_module, "PRE_ASSOCIATION_TIMEOUT", 2.0)
+    scp = start(max_associations=3, allowed_calling_aes=("PACS",))
+    silent = [socket.create_connection(("127.0.0.1", scp.port), timeout=10) for _ in range(6)]
+    try:
+        time.sleep(0.5)  # every silent connection is accepted and waiting
+        assoc = _associate(scp.port, [(Verification, [ExplicitVRLittleEndian])], calling="PACS")
+        assert assoc.is_established, "an allowed modality was refused while silent sockets were open"
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        assert _store_video(scp.port, phantom_video, calling="PACS") == status.SUCCESS
+        # The server closes them (no A-ASSOCIATE-RQ within the timeout): a read sees EOF, not a timeout.
+        for sock in silent:
+            sock.settimeout(10)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in silent:
+            sock.close()
+    assert scp.count(Instance) == 1
+
+
+def test_a_flood_from_one_peer_is_capped(start, monkeypatch):
+    """Beyond MAX_SILENT_PER_PEER silent connections from one address, new ones are closed at once."""
+    monkeypatch.setattr(scp_module, "MAX_SILENT_PER_PEER", 2)
+    scp = start()
+    held = [socket.create_connection(("127.0.0.1", scp.port), timeout=10) for _ in range(2)]
+    try:
+        import time
+
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", scp.port), timeout=3)
+        try:
+            assert extra.recv(1) == b""  # closed by the server well before the 5-s wait would end
+        finally:
+            extra.close()
+    finally:
+        for sock in held:
+            sock.close()
