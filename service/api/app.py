@@ -55,6 +55,9 @@ from service.engine import ENGINE_VERSION
 from service.store.db import USER_ROLES, User
 
 log = logging.getLogger(__name__)
+#: The largest integer a query parameter may carry: SQL INTEGER (SQLite and PostgreSQL bigint) is 64-bit;
+#: a larger one used to reach the database and fail there (a 500) instead of a 422.
+MAX_SQL_INT = 2**63 - 1
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "facesym_session"
@@ -473,7 +476,7 @@ def _page_routes(app: FastAPI, web: Web) -> None:  # noqa: C901 - one function p
     @app.get("/audit", include_in_schema=False)
     def audit_page(
         request: Request, who: PageUser, study_uid: str = "", user: str = "", event_id: str = "",
-        before: int | None = None,
+        before: Annotated[int | None, Query(ge=0, le=MAX_SQL_INT)] = None,
     ) -> Response:
         _require(web, request, who, "admin", "Reading the audit trail", api=False)
         study_uid, user, event_id = study_uid.strip()[:64], user.strip()[:64], event_id.strip()[:16]
@@ -599,7 +602,8 @@ def _api_routes(app: FastAPI, web: Web) -> None:
     @app.get("/api/v1/studies", tags=["studies"], summary="Studies, newest first (audited as a query)")
     def api_studies(
         request: Request, who: ApiUser, state: str = "", q: str = "",
-        limit: Annotated[int, Query(ge=1, le=500)] = 100, offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+        offset: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
     ) -> dict[str, Any]:
         if state and state not in data.JOB_STATES and state != "NONE":
             raise HTTPException(422, f"state must be one of {', '.join(data.JOB_STATES)} or NONE")
@@ -644,7 +648,8 @@ def _api_routes(app: FastAPI, web: Web) -> None:
                                                       "(admin; audited as a query)")
     def api_audit(
         request: Request, who: ApiUser, study_uid: str = "", user: str = "", event_id: str = "",
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100, before: int | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        before: Annotated[int | None, Query(ge=0, le=MAX_SQL_INT)] = None,
     ) -> dict[str, Any]:
         _require(web, request, who, "admin", "Reading the audit trail", api=True)
         with web.sessions() as db:

@@ -575,3 +575,15 @@ def test_figure_captions_say_what_each_figure_shows() -> None:
     assert figure_caption("0-smile-flow.png") == "Smile — Optical-flow overlay by region"
     motion = figure_caption("1-eye_closure-motion.png")
     assert motion == "Eye closure — Motion plot: per-side signal over time"
+
+
+def test_huge_integer_parameters_are_422_not_500(env: dict[str, Any]) -> None:
+    """Integers beyond 64 bits used to reach SQLite ("Python int too large") and answer 500."""
+    api = TestClient(env["app"], headers={"Authorization": f"Bearer {issue_token(env['sessions'], 'admin')}"})
+    huge = str(10**30)
+    for url, params in (("/api/v1/studies", {"offset": huge}), ("/api/v1/audit", {"before": huge}),
+                        ("/api/v1/studies", {"offset": "-1"})):
+        assert api.get(url, params=params).status_code == 422, (url, params)
+    assert api.get("/api/v1/studies", params={"offset": str(2**62)}).json()["studies"] == []
+    c = login(env, "admin")
+    assert c.get("/audit", params={"before": huge}).status_code == 422
