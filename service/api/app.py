@@ -351,14 +351,14 @@ def _check_form_csrf(web: Web, who: Principal, token: str) -> None:
 
 def _page_routes(app: FastAPI, web: Web) -> None:  # noqa: C901 - one function per page is clearer
     @app.get("/login", include_in_schema=False)
-    def login_form(request: Request, next: str = "/", error: str = "") -> Response:  # noqa: A002
+    def login_form(request: Request, next: str = "/") -> Response:  # noqa: A002
         import secrets
 
         nonce = secrets.token_urlsafe(16)
         resp = _page(web, request, "login.html", {
             "next": next if is_safe_next(next) else "/",
             "login_csrf": web.signer.csrf_token("login:" + nonce),
-            "error": error[:200],
+            "error": "",  # login errors are rendered by the POST itself, never taken from the URL
         }, None)
         _set_cookie(request, resp, LOGIN_COOKIE, web.signer.sign({"n": nonce}), 600)
         return resp
@@ -438,7 +438,7 @@ def _page_routes(app: FastAPI, web: Web) -> None:  # noqa: C901 - one function p
                          who, 404)
         web.record(access(who.username, _ip(request), study_uid, local_ae=web.ae))
         return _page(web, request, "study.html", {
-            "s": detail, "message": MESSAGES.get(msg, ""), "error": error[:200],
+            "s": detail, "message": MESSAGES.get(msg, ""), "error": data.ACTION_ERRORS.get(error, ""),
         }, who)
 
     @app.get("/studies/{study_uid}/figures/{name}", include_in_schema=False)
@@ -460,7 +460,7 @@ def _page_routes(app: FastAPI, web: Web) -> None:  # noqa: C901 - one function p
         except data.ActionError as exc:
             if exc.status == 404:
                 raise HTTPException(404, str(exc)) from None
-            return RedirectResponse(f"/studies/{_quote(study_uid)}?error={_quote(str(exc))}", status_code=303)
+            return RedirectResponse(f"/studies/{_quote(study_uid)}?error={exc.code}", status_code=303)
         return RedirectResponse(f"/studies/{_quote(study_uid)}?msg={which}", status_code=303)
 
     @app.post("/studies/{study_uid}/rerun", include_in_schema=False)

@@ -356,21 +356,33 @@ def study_detail(s: Session, study_uid: str, files_root: Path) -> dict[str, Any]
 # --- actions ---------------------------------------------------------------------------------------------
 
 
-class ActionError(Exception):
-    """A re-run or re-send that cannot be done now (HTTP 404 or 409)."""
+#: Why a re-run or re-send was refused, by code: the console's redirect carries the code only, and the
+#: page shows this fixed text (never text taken from the URL, which anyone can craft into a link).
+ACTION_ERRORS = {
+    "no-study": "no such study",
+    "no-job": "the study has no analysis job yet",
+    "running": "the analysis is running now",
+    "no-report": "the study has no report to send yet",
+}
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
+
+class ActionError(Exception):
+    """A re-run or re-send that cannot be done now (HTTP 404 or 409); ``code`` is a key of
+    :data:`ACTION_ERRORS`, whose text is the message."""
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(ACTION_ERRORS[code])
         self.status = status
+        self.code = code
 
 
 def _job_for(s: Session, study_uid: str) -> Job:
     study = s.scalar(select(Study).where(Study.study_uid == study_uid))
     if study is None:
-        raise ActionError(404, "no such study")
+        raise ActionError(404, "no-study")
     job = _latest_jobs(s, [study.id]).get(study.id)
     if job is None:
-        raise ActionError(409, "the study has no analysis job yet")
+        raise ActionError(409, "no-job")
     return job
 
 
@@ -378,7 +390,7 @@ def rerun(s: Session, study_uid: str) -> int:
     """The study's job back to QUEUED with no attempts (the workers pick it up). Returns the job id."""
     job = _job_for(s, study_uid)
     if job.state is JobState.RUNNING:
-        raise ActionError(409, "the analysis is running now")
+        raise ActionError(409, "running")
     job.state, job.attempts, job.reason, job.claimed_by = JobState.QUEUED, 0, "", ""
     job.next_run_at = utcnow()
     return job.id
@@ -389,7 +401,7 @@ def resend(s: Session, study_uid: str, targets: Sequence[str]) -> tuple[int, int
     have none yet), the job to REPORTED. Returns (job id, number of deliveries)."""
     job = _job_for(s, study_uid)
     if not job.sr_path or job.state not in (JobState.REPORTED, JobState.DELIVERED):
-        raise ActionError(409, "the study has no report to send yet")
+        raise ActionError(409, "no-report")
     now = utcnow()
     rows = {d.destination: d for d in job.deliveries}
     for target in targets:

@@ -312,8 +312,12 @@ def test_resend_sets_deliveries_pending_and_is_audited(env: dict[str, Any]) -> N
     assert any("re-send to 1 destination(s) requested" in x.xml for x in records(env, "110103"))
     # a study without a report cannot be re-sent: 409-like, shown on the page, audited as a failure
     r = c.post(f"/studies/{OTHER_UID}/resend", data={"csrf_token": token})
-    assert r.status_code == 303 and "error=" in r.headers["location"]
+    assert r.status_code == 303 and r.headers["location"].endswith("?error=no-report")
+    assert "the study has no report to send yet" in c.get(r.headers["location"]).text
     assert any(x.outcome == 4 and "resend refused" in x.xml for x in records(env, "110103"))
+    # Text in the URL is never shown: a crafted link cannot put words on a FaceSym page.
+    for page in (f"/studies/{OTHER_UID}?error=Call+0800-SCAM+now", "/login?error=Call+0800-SCAM+now"):
+        assert "0800-SCAM" not in c.get(page).text
 
 
 # --- pages ---------------------------------------------------------------------------------------------
