@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -353,12 +354,30 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: Commands that create or change the data dir (database, received objects, reports, audit, keys).
+PATIENT_DATA_COMMANDS = ("serve", "worker", "db", "purge", "audit", "user", "report", "demo")
+
+
+def private_files(data_dir: Path | None = None) -> None:
+    """Files this process creates are its user's alone (0600; directories 0700), whatever the umask it
+    was started with: the database, objects and reports hold patient data. With ``data_dir``, an existing
+    data dir that others can read is closed to them too."""
+    os.umask(os.umask(0o077) | 0o077)
+    if data_dir is not None and data_dir.is_dir() and data_dir.stat().st_mode & 0o077:
+        try:
+            data_dir.chmod(0o700)
+            log.warning("data_dir %s was readable by other users: now 0700", data_dir)
+        except OSError as exc:
+            log.warning("data_dir %s is readable by other users and cannot be closed: %s", data_dir, exc)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.config import load_settings
     from service.jobs.scheduler import FaceSymService
 
     settings = load_settings(args.config)
     service_logging(settings.log_level)
+    private_files(settings.data_dir)
     return _run_until_signalled(FaceSymService(settings))
 
 
@@ -389,6 +408,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if settings.workers < 1:
         raise FaceSymError("facesym worker needs workers >= 1 (FACESYM_WORKERS): it only analyses")
     service_logging(settings.log_level)
+    private_files(settings.data_dir)
     return _run_until_signalled(FaceSymService(settings, receive=False))
 
 
@@ -624,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_pydicom()
+    if args.command in PATIENT_DATA_COMMANDS:
+        private_files()
     handlers = {
         "analyze": cmd_analyze, "phantom": cmd_phantom, "serve": cmd_serve, "demo": cmd_demo,
         "audit": cmd_audit, "train": cmd_train, "report": cmd_report,
