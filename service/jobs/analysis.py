@@ -4,6 +4,7 @@ rest and expression photos. Bad input becomes a "not analysable" finding with th
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -92,7 +93,25 @@ def analyse_study(
         out.append(InstanceAnalysis(item, analysis, counted[0], info.fps))
     out.extend(_analyse_photos(photos, limits, params))
     order = {i.sop_instance_uid: k for k, i in enumerate(inputs)}
-    return sorted(out, key=lambda a: order[a.source.sop_instance_uid])
+    return sorted((_without_paths(a) for a in out), key=lambda a: order[a.source.sop_instance_uid])
+
+
+#: An absolute file path inside a message (not a ratio like 0.3/0.5, nor I/O).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s/:;,'\"()]+/)+[^\s/:;,'\"()]*")
+
+
+def pathless(text: str, path: object, name: str) -> str:
+    """``text`` with ``path`` said as ``name``, and any other absolute path as "<file>": reasons go into
+    the SR, the PDF and FHIR that leave for the PACS and the EHR, where the server's layout has no place."""
+    return _ABSOLUTE_PATH.sub("<file>", text.replace(str(path), name))
+
+
+def _without_paths(a: InstanceAnalysis) -> InstanceAnalysis:
+    name = f"instance {a.source.sop_instance_uid}"
+    q = a.analysis.quality
+    quality = replace(q, reasons=tuple(pathless(r, a.source.path, name) for r in q.reasons),
+                      warnings=tuple(pathless(w, a.source.path, name) for w in q.warnings))
+    return replace(a, analysis=replace(a.analysis, quality=quality))
 
 
 def with_media_warnings(analysis: Analysis, source: MediaSource) -> Analysis:

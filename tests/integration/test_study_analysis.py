@@ -62,3 +62,15 @@ def test_lone_expression_photo_and_garbage_are_findings_not_crashes(tmp_path: Pa
     assert not results[1].analysis.quality.ok and results[1].analysis.quality.reasons[0].startswith(
         "unreadable"
     )
+    # The reason goes into the SR sent to the PACS: it names the instance, never the server's paths.
+    for r in results:
+        for text in r.analysis.quality.reasons + r.analysis.quality.warnings:
+            assert str(tmp_path) not in text and "garbage.dcm" not in text, text
+
+
+def test_paths_in_reasons_are_replaced() -> None:
+    from service.jobs.analysis import pathless
+
+    text = "unreadable: cannot decode /srv/var/files/1.2/3.dcm as a video (ratio 0.3/0.5, I/O) see /tmp/x.log"
+    assert pathless(text, "/srv/var/files/1.2/3.dcm", "instance 1.2.3") == (
+        "unreadable: cannot decode instance 1.2.3 as a video (ratio 0.3/0.5, I/O) see <file>")
