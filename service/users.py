@@ -19,7 +19,7 @@ from service.errors import InvalidParameterError
 from service.store.db import USER_ROLES, User, open_database
 
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-MIN_PASSWORD_LENGTH = 8
+MIN_PASSWORD_LENGTH = 10
 
 
 def _sessions(settings_or_sessions: Any) -> sessionmaker[Session]:
@@ -47,6 +47,35 @@ def validate_username(username: str) -> str:
     return username
 
 
+#: Passwords at the top of every leaked-password list (and their obvious variants, caught by the
+#: normalisation in :func:`check_password`): a guesser tries these first.
+_COMMON_WORDS = """
+password passw0rd p@ssword p@ssw0rd password1 password12 password123 password1234 123456 1234567 12345678
+123456789 1234567890 0123456789 qwerty qwertyuiop qwerty123 qwertz asdfgh asdfghjkl zxcvbnm 1q2w3e4r
+1q2w3e4r5t 1qaz2wsx abc123 abcdef abcdefgh abcd1234 letmein letmein123 welcome welcome1 welcome123 admin
+admin123 admin1234 administrator root toor changeme changeme123 iloveyou monkey dragon football baseball
+sunshine princess master shadow superman trustno1 whatever secret secret123 default guest test test123
+testtest hospital hospital1 facesym facesym123 pacs pacs123 dicom orthanc radiology doctor nurse
+"""
+COMMON_PASSWORDS = frozenset(_COMMON_WORDS.split())
+
+
+def check_password(password: str, username: str = "") -> None:
+    """Refuse passwords a guesser tries first: shorter than :data:`MIN_PASSWORD_LENGTH`, on
+    :data:`COMMON_PASSWORDS` (ignoring case and trailing digits or symbols), one repeated character, only
+    digits, or containing the username. Raises InvalidParameterError saying which rule."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise InvalidParameterError(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    lowered = password.lower()
+    stem = lowered.rstrip("0123456789!@#$%^&*.?-_ ")
+    if {lowered, stem, lowered.replace(" ", "")} & COMMON_PASSWORDS:
+        raise InvalidParameterError("password is one of the most common passwords: choose another")
+    if len(set(password)) <= 2 or password.isdigit():
+        raise InvalidParameterError("password is too simple (digits only or one or two characters repeated)")
+    if len(username) >= 3 and username.lower() in lowered:
+        raise InvalidParameterError("password must not contain the username")
+
+
 def add_user(
     settings_or_sessions: Any, username: str, password: str, role: str = "viewer", *, update: bool = False
 ) -> User:
@@ -56,8 +85,7 @@ def add_user(
     validate_username(username)
     if role not in USER_ROLES:
         raise InvalidParameterError(f"role must be one of {', '.join(USER_ROLES)}, got {role!r}")
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise InvalidParameterError(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    check_password(password, username)
     sessions = _sessions(settings_or_sessions)
     hashed = hash_password(password)
     try:

@@ -526,6 +526,12 @@ def test_add_user_validates(env: dict[str, Any]) -> None:
         add_user(s, "eve", "short", "viewer")
     with pytest.raises(InvalidParameterError):
         add_user(s, "bad name", PASSWORD, "viewer")
+    # What a guesser tries first (issue 14: "password" was accepted for an admin), each with its rule.
+    for weak, rule in (("password", "at least 10"), ("Password123!", "most common"),
+                       ("Welcome2024", "common"), ("12345678901", "too simple"),
+                       ("aaaaaaaaaaaa", "too simple"), ("eve-is-great", "username")):
+        with pytest.raises(InvalidParameterError, match=rule):
+            add_user(s, "eve", weak, "admin")
     with pytest.raises(InvalidParameterError):
         issue_token(s, "nobody")
     add_user(s, "viewer", "another password", "operator", update=True)
