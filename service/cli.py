@@ -354,6 +354,29 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_SERVICE_DIR = str(Path(__file__).resolve().parent)
+
+
+def phi_safe_warnings() -> None:
+    """Every Python warning goes to logging (logger ``py.warnings``, WARNING) instead of stderr, and a
+    warning raised outside FaceSym's own code is logged WITHOUT its text: libraries quote the values they
+    check (highdicom: 'The string "Hopper" is unlikely to represent the intended person name…', three
+    times per study), and those values are patient data. Category and code location stay, for support."""
+    import warnings
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        where = f"{Path(filename).name}:{lineno}"
+        if str(Path(filename).resolve()).startswith(_SERVICE_DIR):
+            text = f"{category.__name__} at {where}: {message}"
+        else:
+            module = Path(filename).parent.name
+            text = f"{category.__name__} from {module}/{where} (text withheld: it may quote patient data)"
+        logging.getLogger("py.warnings").warning(text)
+
+    warnings.showwarning = show
+
+
 #: Commands that create or change the data dir (database, received objects, reports, audit, keys).
 PATIENT_DATA_COMMANDS = ("serve", "worker", "db", "purge", "audit", "user", "report", "demo")
 
@@ -644,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_pydicom()
+    phi_safe_warnings()
     if args.command in PATIENT_DATA_COMMANDS:
         private_files()
     handlers = {
