@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     dbu = db_sub.add_parser("upgrade", help="bring the database to the newest schema revision (an old "
                             "create_all database is stamped at the baseline first)")
     dbu.add_argument("--config", help="TOML settings file (the database is found as serve finds it)")
+    dbu.add_argument("--create", action="store_true",
+                     help="make a new SQLite database where none exists (without it, a missing file is an "
+                          "error: a wrong data_dir must not silently become an empty database)")
     dbc = db_sub.add_parser("current", help="print the database's schema revision (exit 1 if not the newest)")
     dbc.add_argument("--config", help="TOML settings file")
 
@@ -463,6 +466,13 @@ def cmd_db(args: argparse.Namespace) -> int:
         if path and path != ":memory:" and not Path(path).exists():  # a look creates nothing
             print(f"none (no database at {path}; newest is {head_revision()})")
             return 1
+    if args.db_command == "upgrade" and url.startswith("sqlite:///") and not args.create:
+        from sqlalchemy.engine import make_url
+
+        path = make_url(url).database
+        if path and path != ":memory:" and not Path(path).exists():
+            raise FaceSymError(f"no database at {path}: nothing to upgrade (check --config / "
+                               "FACESYM_DATA_DIR, or pass --create to make a new one)")
     if url.startswith("sqlite:///"):
         try:
             settings.data_dir.mkdir(parents=True, exist_ok=True)

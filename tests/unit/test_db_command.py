@@ -27,7 +27,11 @@ def test_current_on_a_missing_database_says_so_and_creates_nothing(
 
 
 def test_upgrade_then_current_is_head(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["db", "upgrade"]) == 0
+    # A missing database is an error (a wrong data dir must not become an empty database) ...
+    assert main(["db", "upgrade"]) == 1
+    assert "no database at" in capsys.readouterr().out and not data_dir.exists()
+    # ... unless --create asks for one.
+    assert main(["db", "upgrade", "--create"]) == 0
     assert "schema created" in capsys.readouterr().out
     assert main(["db", "current"]) == 0
     assert capsys.readouterr().out.strip() == f"{head_revision()} (head)"
@@ -44,8 +48,8 @@ def test_the_database_and_data_dir_are_private_whatever_the_umask(tmp_path: Path
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k != "FACESYM_DATABASE_URL"}
     env["FACESYM_DATA_DIR"] = str(data)
-    run = subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, text=True,
-                         capture_output=True, timeout=120, preexec_fn=lambda: os.umask(0o022),
+    run = subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade", "--create"], env=env,
+                         text=True, capture_output=True, timeout=120, preexec_fn=lambda: os.umask(0o022),
                          cwd=Path(__file__).resolve().parents[2])
     assert run.returncode == 0, run.stderr
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
