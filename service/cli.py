@@ -586,6 +586,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     import getpass
 
     from service.audit import AuditTrail
+    from service.audit.anchor import AuditAnchor
     from service.audit.commands import _missing_sqlite_file
     from service.config import load_settings
     from service.store.db import open_database
@@ -602,7 +603,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         _console().print(f"no database at {missing}: nothing to purge")
         return EXIT_OK
     sessions = open_database(settings.effective_database_url)
-    trail = AuditTrail(sessions, source_id=settings.audit_source_id)
+    trail = AuditTrail(sessions, source_id=settings.audit_source_id, anchor=AuditAnchor(settings.data_dir))
     report = purge(sessions, FileStore(settings.files_dir), older_than_days=args.older_than,
                    dry_run=args.dry_run, force=args.force, audit=trail.append, user=f"{user} (facesym purge)",
                    local_ae=settings.ae_title)

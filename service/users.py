@@ -31,10 +31,13 @@ def _sessions(settings_or_sessions: Any) -> sessionmaker[Session]:
 
 def _audit(sessions: sessionmaker[Session], settings_or_sessions: Any, what: str, username: str) -> None:
     from service.audit import AuditTrail, config_change
+    from service.audit.anchor import AuditAnchor
 
     source = getattr(settings_or_sessions, "audit_source_id", "")
     ae = getattr(settings_or_sessions, "ae_title", "FACESYM")
-    AuditTrail(sessions, source_id=source, resolve_patients=False).record(
+    data_dir = getattr(settings_or_sessions, "data_dir", None)
+    anchor = AuditAnchor(data_dir) if data_dir is not None else None
+    AuditTrail(sessions, source_id=source, resolve_patients=False, anchor=anchor).record(
         config_change([f"user:{username}"], kind="security", local_ae=ae, description=what)
     )
 

@@ -8,6 +8,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from service.audit.anchor import AuditAnchor
 from service.audit.trail import AuditTrail, VerifyResult
 
 EXIT_OK, EXIT_BROKEN, EXIT_USAGE = 0, 1, 2
@@ -29,7 +30,7 @@ def open_trail(settings: Any) -> AuditTrail | None:
     url = settings.effective_database_url
     if _missing_sqlite_file(url) is not None:
         return None
-    return AuditTrail(open_database(url), resolve_patients=False)
+    return AuditTrail(open_database(url), resolve_patients=False, anchor=AuditAnchor(settings.data_dir))
 
 
 def verify_command(settings: Any, out: TextIO | None = None) -> int:

@@ -29,6 +29,7 @@ from sqlalchemy import func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.audit.anchor import AnchorError, AuditAnchor
 from service.audit.events import (
     MINOR_FAILURE,
     SERIOUS_FAILURE,
@@ -95,8 +96,10 @@ class AuditTrail:
         source_id: str = "",
         site_id: str = "",
         resolve_patients: bool = True,
+        anchor: AuditAnchor | None = None,
     ) -> None:
         self.sessions = sessions
+        self.anchor = anchor
         self.source_id = source_id or default_source_id()
         self.site_id = site_id
         self.resolve_patients = resolve_patients
@@ -133,6 +136,11 @@ class AuditTrail:
                 log.debug("audit append retry %d after %s", attempt, type(exc).__name__)
                 _time.sleep(delay)
                 delay = min(0.5, delay * 2)
+        if self.anchor is not None:
+            try:
+                self.anchor.advance(rec.seq, rec.hash)
+            except OSError as exc:  # the record is stored; verify will say the anchor is behind
+                log.error("audit anchor not advanced to record %d: %s", rec.seq, exc.strerror)
         for listener in list(self._listeners):
             try:
                 listener(rec.seq)
@@ -159,6 +167,8 @@ class AuditTrail:
                 select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
             ).first()
             seq = int(last[0]) + 1 if last else 1
+            # Never reuse a number the anchor has seen: after a truncation the gap stays visible.
+            seq = max(seq, self._anchored_seq() + 1)
             prev = str(last[1]) if last else GENESIS
             rec = AuditRecord(
                 seq=seq, time=when, event_id=event_id, outcome=outcome, xml=xml, prev_hash=prev,
@@ -234,9 +244,42 @@ class AuditTrail:
         with self.sessions() as s:
             return int(s.scalar(select(func.count()).select_from(AuditRecord)) or 0)
 
+    def _anchored_seq(self) -> int:
+        if self.anchor is None:
+            return 0
+        try:
+            mark = self.anchor.read()
+        except AnchorError:
+            return 0
+        return 0 if mark is None else mark.seq
+
     def verify(self) -> VerifyResult:
         """Walk the chain in ``seq`` order; the first record that is missing, out of place, linked to the
-        wrong predecessor or whose contents no longer match its hash is reported. An empty trail is ok."""
+        wrong predecessor or whose contents no longer match its hash is reported. With an anchor, also a
+        trail that ends before the anchor's record (truncated), a record whose hash is not the anchor's
+        (rewritten) and an anchor that cannot be trusted. An empty trail without an anchor is ok."""
+        result = self._verify_chain()
+        if not result.ok or self.anchor is None:
+            return result
+        try:
+            mark = self.anchor.read()
+        except AnchorError as exc:
+            return VerifyResult(False, result.count, None, f"audit anchor: {exc}")
+        if mark is None:
+            return result
+        with self.sessions() as s:
+            last = s.scalar(select(func.max(AuditRecord.seq))) or 0
+            anchored = s.scalar(select(AuditRecord.hash).where(AuditRecord.seq == mark.seq))
+        if last < mark.seq:
+            return VerifyResult(False, result.count, last + 1,
+                                f"trail truncated: the anchor has seen record {mark.seq}, the database ends "
+                                f"at {last or 'no record'}")
+        if anchored != mark.hash:
+            return VerifyResult(False, result.count, mark.seq,
+                                f"record {mark.seq}: hash differs from the anchor's (chain rewritten)")
+        return result
+
+    def _verify_chain(self) -> VerifyResult:
         prev, expected, count = GENESIS, 1, 0
         with self.sessions() as s:
             rows = s.execute(

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from service.audit import AuditTrail, SyslogForwarder, application_activity, forwarder_from_settings
+from service.audit.anchor import AuditAnchor
 from service.config import Settings
 from service.engine import ENGINE_VERSION
 from service.jobs.analysis import analyse_study, with_limits
@@ -71,7 +72,8 @@ class FaceSymService:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.sessions = open_database(settings.effective_database_url)
         self.files = FileStore(settings.files_dir)
-        self.audit = AuditTrail(self.sessions, source_id=settings.audit_source_id)
+        self.audit = AuditTrail(self.sessions, source_id=settings.audit_source_id,
+                                anchor=AuditAnchor(settings.data_dir))
         self.ctx = WorkerContext(
             settings, self.sessions, self.files, ENGINE_VERSION, f"{socket.gethostname()}:{os.getpid()}",
             with_limits(analyser, settings.decode_limits, settings.engine_params), self.audit,

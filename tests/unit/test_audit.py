@@ -34,6 +34,7 @@ from service.audit import (
     security_alert,
     user_authentication,
 )
+from service.audit.anchor import AuditAnchor
 from service.audit.commands import export_command, parse_since, verify_command
 from service.audit.syslog import PendingRecord, format_message, frame
 from service.audit.trail import GENESIS, chain_hash
@@ -534,3 +535,57 @@ def test_rfc5424_message_and_rfc5425_frame() -> None:
     # the length counts octets, not characters
     wide = format_message(replace(rec, xml="<AuditMessage>é</AuditMessage>"), hostname="h")
     assert frame(wide).startswith(f"{len(wide)} ".encode()) and len(wide) > len(wide.decode())
+
+
+# --- the anchor (issue 14: truncation and rewrites used to verify) -------------------------------------
+
+
+def _anchored(tmp_path: Path) -> tuple[AuditTrail, AuditAnchor, sessionmaker[Session]]:
+    sessions = open_database(f"sqlite:///{tmp_path / 'a.db'}")
+    anchor = AuditAnchor(tmp_path)
+    return AuditTrail(sessions, anchor=anchor), anchor, sessions
+
+
+@pytest.mark.parametrize("deleted", [1, 50, 60])
+def test_truncation_is_reported_and_its_numbers_are_not_reused(tmp_path: Path, deleted: int) -> None:
+    trail, anchor, sessions = _anchored(tmp_path)
+    _fill(trail, 60)
+    assert trail.verify().ok and anchor.read().seq == 60
+    with sessions.begin() as s:
+        s.execute(text("DELETE FROM audit_record WHERE seq > :n"), {"n": 60 - deleted})
+    result = trail.verify()
+    assert not result.ok and "truncated" in result.reason and result.first_broken_seq == 61 - deleted
+    _fill(trail, 1)  # the next event does not take the deleted numbers: a gap stays
+    result = trail.verify()
+    assert not result.ok and "missing" in result.reason, result
+    with sessions() as s:
+        assert s.scalar(text("SELECT max(seq) FROM audit_record")) == 61
+
+
+def test_a_rewritten_and_rehashed_chain_is_reported(tmp_path: Path) -> None:
+    """Rewrite record 5 and recompute every hash from there: the chain alone verifies, the anchor not."""
+    trail, anchor, sessions = _anchored(tmp_path)
+    _fill(trail, 8)
+    with sessions.begin() as s:
+        rows = s.execute(text("SELECT seq, time, event_id, outcome, xml, prev_hash FROM audit_record "
+                              "ORDER BY seq")).all()
+        prev = s.scalar(text("SELECT hash FROM audit_record WHERE seq = 4"))
+        for seq, when, event_id, outcome, xml, _ in rows[4:]:
+            xml = xml.replace("AE4", "AEX") if seq == 5 else xml
+            digest = chain_hash(prev, seq, when, event_id, outcome, xml)
+            s.execute(text("UPDATE audit_record SET xml = :x, prev_hash = :p, hash = :h WHERE seq = :s"),
+                      {"x": xml, "p": prev, "h": digest, "s": seq})
+            prev = digest
+    assert AuditTrail(sessions).verify().ok  # what the unkeyed chain alone says
+    result = trail.verify()
+    assert not result.ok and "rewritten" in result.reason and result.first_broken_seq == 8
+
+
+def test_a_forged_anchor_is_reported(tmp_path: Path) -> None:
+    trail, anchor, _ = _anchored(tmp_path)
+    _fill(trail, 3)
+    doc = json.loads(anchor.path.read_text())
+    anchor.path.write_text(json.dumps({**doc, "seq": 2}))  # moved back without the key
+    result = trail.verify()
+    assert not result.ok and "MAC" in result.reason
+    assert oct(anchor.key_path.stat().st_mode & 0o777) == "0o600"
