@@ -477,7 +477,7 @@ def test_image_install_steps_work_without_docker(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(site), "FACESYM_DATA_DIR": str(tmp_path / "data")}
     env.pop("FACESYM_DATABASE_URL", None)
     probe = ("import sys; import service; assert service.__file__.startswith(sys.argv[1]), service.__file__; "
-             "exec(sys.argv[2]); from service.cli import main; sys.exit(main(['db', 'upgrade']))")
+             "exec(sys.argv[2]); from service.cli import main; sys.exit(main(['db', 'upgrade', '--create']))")
     run = subprocess.run([sys.executable, "-c", probe, str(site), code], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
