@@ -151,6 +151,9 @@ class Web:
     times: metrics.AnalysisTimes = field(default_factory=metrics.AnalysisTimes)
     user_throttle: _Throttle = field(default_factory=lambda: _Throttle(5, 300.0))
     ip_throttle: _Throttle = field(default_factory=lambda: _Throttle(30, 300.0))
+    #: Unknown API tokens per client address: beyond the limit a 429, and no audit record per request
+    #: (one alert when the limit is reached), so the trail cannot be flooded through the token path.
+    token_throttle: _Throttle = field(default_factory=lambda: _Throttle(20, 60.0))
     verify_lock: threading.Lock = field(default_factory=threading.Lock)
     verify_cache: tuple[float, dict[str, Any]] | None = None
 
@@ -307,11 +310,21 @@ def _api_user(
         with web.sessions() as db:
             user = db.scalar(select(User).where(User.token_hash == token_hash(creds.credentials)))
         if user is not None and user.role in ROLE_RANK:
-            return Principal(user.username, user.role, "", "token")
-        web.record(user_authentication("login", "unknown", _ip(request), MINOR_FAILURE, local_ae=web.ae,
+            return Principal(user.username, user.role, "", "token")  # a valid token is never throttled
+        ip, throttle = _ip(request), web.token_throttle
+        if throttle.blocked(ip):
+            raise HTTPException(429, "too many requests with unknown tokens: wait a minute",
+                                headers={"Retry-After": str(int(throttle.window))})
+        throttle.fail(ip)
+        web.record(user_authentication("login", "unknown", ip, MINOR_FAILURE, local_ae=web.ae,
                                        description="API request with an unknown token"))
-        web.record(security_alert("node_authentication", "unknown", _ip(request), local_ae=web.ae,
+        web.record(security_alert("node_authentication", "unknown", ip, local_ae=web.ae,
                                   description="API request with an unknown token"))
+        if throttle.blocked(ip):  # this one reached the limit: one record for the rest of the window
+            web.record(security_alert(
+                "node_authentication", "unknown", ip, local_ae=web.ae,
+                description=f"{throttle.limit} unknown API tokens from this address within "
+                            f"{throttle.window:.0f} s: further ones refused (429), not audited singly"))
     else:
         p = _session_principal(web, request)
         if p is not None:

@@ -597,3 +597,18 @@ def test_huge_integer_parameters_are_422_not_500(env: dict[str, Any]) -> None:
     assert api.get("/api/v1/studies", params={"offset": str(2**62)}).json()["studies"] == []
     c = login(env, "admin")
     assert c.get("/audit", params={"before": huge}).status_code == 422
+
+
+def test_unknown_tokens_are_throttled_and_cannot_flood_the_audit_trail(env: dict[str, Any]) -> None:
+    """Issue 14: every unknown bearer token wrote two audit rows with no limit (400 rows in 6.8 s). Now 20
+    per address a minute are refused (401) and audited; the rest get 429 and no rows, except one alert
+    when the limit is reached; a valid token from the same address still works."""
+    good = issue_token(env["sessions"], "operator")
+    before = len(records(env, "110114")) + len(records(env, "110113"))
+    bad = TestClient(env["app"], headers={"Authorization": "Bearer not-a-token"})
+    codes = [bad.get("/api/v1/studies").status_code for _ in range(60)]
+    assert codes[:20] == [401] * 20 and set(codes[20:]) == {429}, codes
+    after = len(records(env, "110114")) + len(records(env, "110113"))
+    assert after - before <= 2 * 20 + 1
+    ok = TestClient(env["app"], headers={"Authorization": f"Bearer {good}"})
+    assert ok.get("/api/v1/studies").status_code == 200
