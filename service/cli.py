@@ -453,26 +453,20 @@ def _run_until_signalled(service: FaceSymService) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
+    from service.audit.commands import _missing_sqlite_file
     from service.config import load_settings
     from service.store.db import make_engine
     from service.store.schema import BASELINE, current_revision, head_revision, upgrade
 
     settings = load_settings(args.config)
     url = settings.effective_database_url
-    if args.db_command == "current" and url.startswith("sqlite:///"):
-        from sqlalchemy.engine import make_url
-
-        path = make_url(url).database
-        if path and path != ":memory:" and not Path(path).exists():  # a look creates nothing
-            print(f"none (no database at {path}; newest is {head_revision()})")
-            return 1
-    if args.db_command == "upgrade" and url.startswith("sqlite:///") and not args.create:
-        from sqlalchemy.engine import make_url
-
-        path = make_url(url).database
-        if path and path != ":memory:" and not Path(path).exists():
-            raise FaceSymError(f"no database at {path}: nothing to upgrade (check --config / "
-                               "FACESYM_DATA_DIR, or pass --create to make a new one)")
+    missing = _missing_sqlite_file(url)
+    if missing is not None and args.db_command == "current":  # a look creates nothing
+        print(f"none (no database at {missing}; newest is {head_revision()})")
+        return 1
+    if missing is not None and not getattr(args, "create", False):
+        raise FaceSymError(f"no database at {missing}: nothing to upgrade (check --config / "
+                           "FACESYM_DATA_DIR, or pass --create to make a new one)")
     if url.startswith("sqlite:///"):
         try:
             settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from service.audit.anchor import AuditAnchor
-from service.audit.trail import AuditTrail, VerifyResult
+from service.audit.trail import AuditTrail
 
 EXIT_OK, EXIT_BROKEN, EXIT_USAGE = 0, 1, 2
 
@@ -38,13 +38,13 @@ def verify_command(settings: Any, out: TextIO | None = None) -> int:
     database fails too (exit 1): an intact-looking "OK: 0" would hide a wrong ``--config``/data dir or a
     deleted database."""
     out = out or sys.stdout
-    missing = _missing_sqlite_file(settings.effective_database_url)
-    if missing is not None:
+    trail = open_trail(settings)
+    if trail is None:
+        missing = _missing_sqlite_file(settings.effective_database_url)
         print(f"BROKEN: no audit database at {missing} (wrong --config or FACESYM_DATA_DIR, or the database "
               "was removed): nothing could be verified", file=out)
         return EXIT_BROKEN
-    trail = open_trail(settings)
-    result = trail.verify() if trail is not None else VerifyResult(True, 0)
+    result = trail.verify()
     if result.ok:
         print(f"OK: audit trail intact, {result.count} record(s)", file=out)
         return EXIT_OK

@@ -267,8 +267,8 @@ class AuditTrail:
             return VerifyResult(False, result.count, None, f"audit anchor: {exc}")
         if mark is None:
             return result
+        last = result.count  # an intact chain numbers its records 1..count
         with self.sessions() as s:
-            last = s.scalar(select(func.max(AuditRecord.seq))) or 0
             anchored = s.scalar(select(AuditRecord.hash).where(AuditRecord.seq == mark.seq))
         if last < mark.seq:
             return VerifyResult(False, result.count, last + 1,
