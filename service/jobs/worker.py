@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import ColumnElement, and_, or_, select, text, update
 from sqlalchemy.engine import CursorResult
@@ -39,6 +39,9 @@ from service.jobs.analysis import InstanceAnalysis, InstanceInput, analyse_study
 from service.jobs.rules import assign_task
 from service.report.comparison import PriorStudy
 from service.report.jsonout import analysis_dict
+
+if TYPE_CHECKING:  # the report builders import matplotlib: loaded when a job runs
+    from service.report.study_images import WrittenObjects
 from service.store.db import (
     RECEIVER_STARTED_AT,
     Delivery,
@@ -400,15 +403,18 @@ def _process_claimed(
         ]
         priors = _prior_jobs(ctx, study_uid)
         comparison = _prior_studies(priors)
+        # The key images first: the SR draws the measurements on them (SCOORDs that reference them).
+        written = _report_objects(ctx, job_id, study_uid, results, comparison)
+        report_files = written.paths
         sr_path, sr_uid = write_report(
             [r.source.path for r in results],
             findings,
             ctx.files.abspath(f"reports/{study_uid}"),
             ctx.engine_version,
             prior_reports=[ctx.files.abspath(job.sr_path) for _, job in priors if job.sr_path],
+            key_images=written.regions,
         )
         docs = [_result_doc(r) for r in results]
-        report_files = _report_objects(ctx, job_id, study_uid, results, comparison)
         fhir_error = _write_bundle(
             ctx, Path(sr_path), sr_uid, results[0].source.path, findings, started, comparison
         )
@@ -465,10 +471,10 @@ def _report_objects(
     study_uid: str,
     results: list[InstanceAnalysis],
     comparison: list[PriorStudy],
-) -> list[Path]:
+) -> WrittenObjects:
     """Key images (DICOM SC) and the PDF report (Encapsulated PDF) beside the SR. Pictures must never block
-    the numbers: a failure here is logged and the SR still goes out."""
-    from service.report.study_images import build_report_objects
+    the numbers: a failure here is logged and the SR still goes out (without drawn regions)."""
+    from service.report.study_images import WrittenObjects, build_report_objects
 
     try:
         return build_report_objects(
@@ -484,7 +490,7 @@ def _report_objects(
         )
     except Exception:  # noqa: BLE001 - see the docstring
         log.exception("job %d: key images / PDF not built", job_id)
-        return []
+        return WrittenObjects([])
 
 
 def _prior_jobs(ctx: WorkerContext, study_uid: str) -> list[tuple[Study, Job]]:

@@ -174,9 +174,26 @@ def _orientation_note(points: np.ndarray) -> str:
     return f"L/R = the patient's left/right (the patient's left is on the image's {where})."
 
 
+#: What :func:`key_image_with_marks` locates per side: the landmark group at rest (mapped into the peak
+#: frame) and at peak, and the group's mean rest → peak vector as drawn (×gain).
+MARK_KINDS = ("rest", "peak", "vector")
+
+#: Per (side, kind): (N, 2) float image coordinates (column, row) of the figure's pixels, PS3.3 C.18.6.1.2
+#: style (the top-left pixel's outer corner is (0, 0)): where the figure draws them.
+Marks = dict[tuple[Side, str], np.ndarray]
+
+
 def key_image(
     peak_rgb: np.ndarray, rest_points: np.ndarray, peak_points: np.ndarray, task: TaskResult
 ) -> np.ndarray:
+    """The peak frame with the task's landmarks, the rest → peak arrows and the scores
+    (:func:`key_image_with_marks` without the marks)."""
+    return key_image_with_marks(peak_rgb, rest_points, peak_points, task)[0]
+
+
+def key_image_with_marks(
+    peak_rgb: np.ndarray, rest_points: np.ndarray, peak_points: np.ndarray, task: TaskResult
+) -> tuple[np.ndarray, Marks]:
     """The peak frame with the task's landmarks, the rest → peak displacement arrows and the scores.
 
     Parameters
@@ -192,9 +209,11 @@ def key_image(
 
     Returns
     -------
-    np.ndarray
+    tuple[np.ndarray, Marks]
         (860, 800, 3) uint8 RGB. Arrows are scaled by the integer shown in the caption (×1 when the
-        movement is visible as it is) so that a small brow lift can be seen.
+        movement is visible as it is) so that a small brow lift can be seen. The marks say where in
+        that image each side's landmark group (rest, peak) and its mean arrow ("vector") lie, for the
+        SR's spatial coordinates (:data:`MARK_KINDS`), clipped to the face's panel.
     """
     rgb = _check_rgb(peak_rgb, "peak_rgb")
     rest = _check_points(rest_points, "rest_points")
@@ -242,7 +261,27 @@ def key_image(
     if task.insufficient_activation:
         lines.append(f"insufficient activation (gate {task.activation_gate:.2f} < 1): scores are limited")
     _caption(fig, lines, 0.16)
-    return _rgb(fig)
+    image = _rgb(fig)
+    marks: Marks = {}
+    for side, idx in ((Side.LEFT, left_idx), (Side.RIGHT, right_idx)):
+        rows = list(idx)
+        start = rest_in_peak[rows].mean(axis=0)
+        for kind, pts in (("rest", rest_in_peak[rows]), ("peak", peak[rows]),
+                          ("vector", np.stack([start, start + gain * disp[rows].mean(axis=0)]))):
+            marks[(side, kind)] = _figure_pixels(ax, pts[:, :2], image.shape, box)
+    return image, marks
+
+
+def _figure_pixels(
+    ax: Axes, points: np.ndarray, shape: tuple[int, ...], box: tuple[int, int, int, int]
+) -> np.ndarray:
+    """(N, 2) source-frame pixels → (column, row) of the drawn figure (after ``canvas.draw``), clipped
+    to the face panel ``box`` so that a mark never points outside the picture."""
+    x0, y0, x1, y1 = box
+    inside = np.column_stack([np.clip(points[:, 0], x0 - 0.5, x1 - 0.5),
+                              np.clip(points[:, 1], y0 - 0.5, y1 - 0.5)])
+    xy = ax.transData.transform(inside)  # display pixels, origin bottom-left
+    return np.column_stack([xy[:, 0], shape[0] - xy[:, 1]])
 
 
 def motion_plot(

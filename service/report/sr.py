@@ -58,6 +58,7 @@ from service import __version__
 from service.domain import Analysis, Side, StaticItem, Task, TaskResult
 from service.errors import InvalidParameterError
 from service.report import codes
+from service.report.sr_regions import KeyImageRegions, planar_groups, region_images
 from service.report.summary import grade_statement, impression
 
 log = logging.getLogger(__name__)
@@ -508,6 +509,7 @@ def build_report(
     instance_number: int = 1,
     manufacturer: str = "FaceSym",
     institution_name: str | None = None,
+    key_images: Sequence[KeyImageRegions] = (),
 ) -> pydicom.Dataset:
     """Build the Comprehensive SR (PS3.3 A.35.3) with a TID 1500 Measurement Report of one study.
 
@@ -526,6 +528,11 @@ def build_report(
         Series Number and Instance Number of the SR (PS3.3 C.7.3.1, C.7.6.1).
     manufacturer, institution_name
         General Equipment Manufacturer and Institution Name of the SR (PS3.3 C.7.5.1).
+    key_images
+        Where each task's landmark groups lie on its key image (Secondary Capture of the same study):
+        per task and side, TID 1410 planar ROI groups with POLYLINE SCOORDs selected from that image
+        (:mod:`service.report.sr_regions`), so a viewer draws them; the images join the evidence and the
+        image library. A task without one has its TID 1501 group only.
 
     Returns
     -------
@@ -547,6 +554,14 @@ def build_report(
     groups: list[MeasurementsAndQualitativeEvaluations] = []
     for k, finding in enumerate(findings):
         groups += _groups(finding, algorithm, f"findings[{k}]")
+    regions = {(r.source_sop_instance_uid, r.task): r for r in key_images}
+    planar = []
+    for k, finding in enumerate(findings):
+        for j, task in enumerate(finding.analysis.tasks if finding.analysis.quality.ok else ()):
+            r = regions.get((finding.sop_instance_uid, task.task))
+            if r is not None:
+                planar += planar_groups(r, task, algorithm, _tracking, _number, f"findings[{k}].tasks[{j}]")
+    images = region_images([r for r in key_images if r in regions.values()])
 
     device = DeviceObserverIdentifyingAttributes(
         uid=_hash_uid("facesym-device-observer", MODEL_NAME),
@@ -561,7 +576,8 @@ def build_report(
             )
         ),
         procedure_reported=codes.PROCEDURE,
-        imaging_measurements=groups,
+        imaging_measurements=[*groups, *planar],
+        referenced_images=images or None,
     )
     _add_impression(report, impression(findings))
     series_uid, sop_uid = report_uids((str(ds.SOPInstanceUID) for ds in evidence), engine_version)
@@ -578,7 +594,7 @@ def build_report(
         name=codes.SCHEME_NAME,
         responsible_organization=codes.SCHEME_ORGANIZATION,
     )
-    evidence = [_complete_type2(evidence[0]), *(sane_header(ds) for ds in evidence[1:])]
+    evidence = [_complete_type2(evidence[0]), *(sane_header(ds) for ds in evidence[1:]), *images]
     sr = ComprehensiveSR(
         evidence=evidence,
         content=report,

@@ -12,6 +12,7 @@ from pydicom import Dataset, dcmread
 
 from service.media.dicom_io import DEFER_SIZE, write_dicom
 from service.report.sr import InstanceFinding, build_report
+from service.report.sr_regions import KeyImageRegions
 
 
 def write_report(
@@ -20,6 +21,7 @@ def write_report(
     out_dir: Path,
     engine_version: str,
     prior_reports: Sequence[Path] = (),
+    key_images: Sequence[KeyImageRegions] = (),
 ) -> tuple[Path, str]:
     """Build the study's SR from its source files and write it under ``out_dir``; returns (path, SOP UID).
 
@@ -27,7 +29,7 @@ def write_report(
     """
     # Large values (a huge private element) stay on disk: only a few header attributes are needed.
     evidence = [dcmread(p, stop_before_pixels=True, defer_size=DEFER_SIZE) for p in source_paths]
-    ds = build_report(evidence, findings, engine_version=engine_version)
+    ds = build_report(evidence, findings, engine_version=engine_version, key_images=key_images)
     priors = [dcmread(p, stop_before_pixels=True) for p in prior_reports if Path(p).is_file()]
     if priors:
         # The patient's earlier reports (before/after), PS3.3 C.17.2 Pertinent Other Evidence Sequence.

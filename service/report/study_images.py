@@ -28,6 +28,7 @@ from service.report import figures as fg
 from service.report.comparison import PriorStudy
 from service.report.pdf import ReportHeader, render_pdf
 from service.report.secondary import build_encapsulated_pdf, build_sc_images
+from service.report.sr_regions import KeyImageRegions
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class StudyItem:
     fps: float
     rest_path: Path | None = None
     attention: Mapping[Task, Sequence[float]] = field(default_factory=dict)
+    sop_instance_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class Figure:
 
     kind: str
     image: np.ndarray
+    #: Key images: where the landmark groups and arrows are drawn (:func:`figures.key_image_with_marks`).
+    marks: fg.Marks | None = None
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return self.image if dtype is None else self.image.astype(dtype)
@@ -90,6 +94,8 @@ class ReportObjects:
     datasets: list[pydicom.Dataset]
     pdf: bytes
     figures: dict[tuple[str, Task], list[Figure]]
+    #: Where each task's landmark groups lie on its key image, for the SR's SCOORDs.
+    regions: list[KeyImageRegions] = field(default_factory=list)
 
 
 def _gate(value: GateLike) -> tuple[float, float]:
@@ -154,7 +160,7 @@ def _video_figures(
         rest_p, peak_p = points.get(rest_k), points.get(peak_k)
         figs: list[Figure] = []
         if rest_p is not None and peak_p is not None:
-            figs.append(Figure("key", fg.key_image(frames[peak_k], rest_p, peak_p, task)))
+            figs.append(Figure("key", *fg.key_image_with_marks(frames[peak_k], rest_p, peak_p, task)))
             if task.flow:
                 figs.append(Figure("flow", fg.flow_overlay(frames[rest_k], rest_p, task)))
         else:
@@ -180,7 +186,8 @@ def _photo_figures(item: StudyItem, det: _Landmarks) -> dict[Task, list[Figure]]
     if rest_p is None or expr_p is None:
         log.warning("%s: no face found in the rest or expression photo; no key image", item.label)
         return {}
-    return {t.task: [Figure("key", fg.key_image(expression, rest_p, expr_p, t))] for t in item.analysis.tasks}
+    return {t.task: [Figure("key", *fg.key_image_with_marks(expression, rest_p, expr_p, t))]
+            for t in item.analysis.tasks}
 
 
 def figures_by_task(
@@ -269,7 +276,7 @@ def study_items(
         if seen[label] > 1:
             label = f"{label} ({seen[label]})"
         rest = rest_photo if fps <= 0 and analysis.tasks and rest_photo != path else None
-        items.append(StudyItem(label, path, analysis, float(fps), rest))
+        items.append(StudyItem(label, path, analysis, float(fps), rest, sop_instance_uid=uid))
     return items
 
 
@@ -294,7 +301,9 @@ def render_report_objects(
         raise ValueError("source_paths is empty")
     items = study_items(paths, analyses, headers)
     figs = figures_by_task(items, gates)
-    ordered = [f.image for it in items for t in it.analysis.tasks for f in figs.get((it.label, t.task), [])]
+    placed = [(it, t.task, f)
+              for it in items for t in it.analysis.tasks for f in figs.get((it.label, t.task), [])]
+    ordered = [f.image for _, _, f in placed]
     first = headers[0]
     pdf = render_pdf(
         [(it.label, it.analysis) for it in items],
@@ -310,11 +319,23 @@ def render_report_objects(
     classes = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in headers}
     datasets = build_sc_images(ordered, first, engine_version=engine_version, source_sop_uids=uids,
                                source_classes=classes)
+    regions = [KeyImageRegions(it.sop_instance_uid, task, ds, f.marks)
+               for (it, task, f), ds in zip(placed, datasets, strict=True)
+               if f.kind == "key" and f.marks is not None and it.sop_instance_uid]
     datasets.append(build_encapsulated_pdf(pdf, first, engine_version=engine_version,
                                            source_sop_uids=uids, source_classes=classes))
     log.info("report objects: %d figure(s), PDF %d bytes, %.0f ms", len(ordered), len(pdf),
              1000 * (time.perf_counter() - started))
-    return ReportObjects(datasets, pdf, figs)
+    return ReportObjects(datasets, pdf, figs, regions)
+
+
+@dataclass(frozen=True)
+class WrittenObjects:
+    """What :func:`build_report_objects` wrote: the files, and where each task's landmark groups lie on
+    its key image (for the SR's SCOORDs)."""
+
+    paths: list[Path]
+    regions: list[KeyImageRegions] = field(default_factory=list)
 
 
 def build_report_objects(
@@ -326,11 +347,11 @@ def build_report_objects(
     gates: Mapping[Task, GateLike] | None = None,
     model_versions: Sequence[str] = (),
     comparison: Sequence[PriorStudy] = (),
-) -> list[Path]:
+) -> WrittenObjects:
     """Build the study's SC images and Encapsulated PDF and write them under ``out_dir``.
 
     Returns the written paths (``{SOPInstanceUID}.dcm``; the UIDs are deterministic, so a rerun
-    overwrites the same files).
+    overwrites the same files) and the key images' regions.
     """
     from service.media.dicom_io import write_dicom
 
@@ -339,7 +360,8 @@ def build_report_objects(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_pngs(objects.figures, out_dir / "figures")
-    return [write_dicom(ds, out_dir / f"{ds.SOPInstanceUID}.dcm") for ds in objects.datasets]
+    paths = [write_dicom(ds, out_dir / f"{ds.SOPInstanceUID}.dcm") for ds in objects.datasets]
+    return WrittenObjects(paths, objects.regions)
 
 
 def _write_pngs(figures: Mapping[tuple[str, Task], list[Figure]], folder: Path) -> None:

@@ -21,7 +21,7 @@ from service.media.dicom_io import build_video_photographic, write_dicom
 from service.media.encode import encode_mp4
 from service.phantom import PhantomSpec, TaskMotion, load_face, render
 from service.report.secondary import ENCAPSULATED_PDF_STORAGE, KEY_IMAGES_DESCRIPTION
-from service.report.study_images import build_report_objects, render_pdf_for_study
+from service.report.study_images import WrittenObjects, build_report_objects, render_pdf_for_study
 
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
 
@@ -48,12 +48,17 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Analysis, flo
 
 
 @pytest.fixture(scope="module")
-def objects(study: tuple[Path, Analysis, float], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def written(study: tuple[Path, Analysis, float], tmp_path_factory: pytest.TempPathFactory) -> WrittenObjects:
     path, analysis, fps = study
     uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
     return build_report_objects(
         [path], [(uid, analysis, fps)], engine_version=ENGINE, out_dir=tmp_path_factory.mktemp("out"),
     )
+
+
+@pytest.fixture(scope="module")
+def objects(written: WrittenObjects) -> list[Path]:
+    return written.paths
 
 
 def _pdf(objects: list[Path], tmp_path: Path) -> Path:
@@ -99,7 +104,9 @@ def test_uids_are_the_same_on_a_resend(
 ) -> None:
     path, analysis, fps = study
     uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-    again = build_report_objects([path], [(uid, analysis, fps)], engine_version=ENGINE, out_dir=tmp_path)
+    again = build_report_objects(
+        [path], [(uid, analysis, fps)], engine_version=ENGINE, out_dir=tmp_path
+    ).paths
 
     def uids(paths: list[Path]) -> list[tuple[str, str]]:
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
@@ -141,3 +148,47 @@ def test_cli_pdf_is_the_sent_pdf(
     out = tmp_path / "cli.pdf"
     pdf = render_pdf_for_study([path], [(uid, analysis, fps)], engine_version=ENGINE, pdf_path=out)
     assert out.read_bytes() == pdf == _pdf(objects, tmp_path).read_bytes()
+
+
+def test_sr_draws_the_landmark_groups_on_the_key_image(
+    study: tuple[Path, Analysis, float], written: WrittenObjects, tmp_path: Path
+) -> None:
+    """Per task and side, TID 1410 groups whose POLYLINEs reference the key image and lie where the key
+    image drew the landmarks: every peak point sits on a dot of that side's colour; dciodvfy passes."""
+    from service.report.figures import SIDE_RGB
+    from service.report.sr import InstanceFinding, read_report
+    from service.report.sr_io import write_report
+    from service.report.sr_regions import read_regions
+
+    path, analysis, _ = study
+    src = pydicom.dcmread(path, stop_before_pixels=True)
+    finding = InstanceFinding(str(src.SOPClassUID), str(src.SOPInstanceUID), int(src.NumberOfFrames), analysis)
+    assert [r.task for r in written.regions] == [t.task for t in analysis.tasks]
+    sr_path, _ = write_report([path], [finding], tmp_path, ENGINE, key_images=written.regions)
+    ds = pydicom.dcmread(sr_path)
+    regions = read_regions(ds)
+    assert len(regions) == 6 * len(analysis.tasks)
+    key = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p) for p in written.paths
+           if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == SC_STORAGE}
+    task = analysis.tasks[0]
+    for r in regions:
+        assert r["graphic_type"] == "POLYLINE" and r["image_uid"] in key and r["side"] in ("left", "right")
+        assert len({g["tracking_uid"] for g in regions}) == len(regions)
+        image = key[r["image_uid"]].pixel_array
+        pts = r["points"]
+        assert (pts >= 0).all() and (pts[:, 0] <= image.shape[1]).all() and (pts[:, 1] <= image.shape[0]).all()
+        if r["label"].endswith("peak"):
+            assert r["values"]["Movement magnitude"] == pytest.approx(getattr(task, r["side"]), rel=1e-2)
+            colour = np.array(SIDE_RGB[Side(r["side"])])
+            for x, y in pts:
+                patch = image[int(y) - 2 : int(y) + 3, int(x) - 2 : int(x) + 3].reshape(-1, 3).astype(int)
+                assert np.abs(patch - colour).sum(axis=1).min() < 60, (r["label"], x, y)
+    # The numbers are unchanged for readers of the TID 1501 groups; the key image is in the evidence.
+    assert read_report(ds)[0]["tasks"][0]["asymmetry_index"] == pytest.approx(task.asymmetry_index, abs=1e-3)
+    evidence = {str(s.ReferencedSOPInstanceUID) for st in ds.CurrentRequestedProcedureEvidenceSequence
+                for se in st.ReferencedSeriesSequence for s in se.ReferencedSOPSequence}
+    assert set(key) & evidence
+    exe = require_peer("dciodvfy")
+    proc = subprocess.run([exe, str(sr_path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    assert proc.returncode == 0 and not errors, proc.stderr

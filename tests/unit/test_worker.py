@@ -110,9 +110,9 @@ def test_report_figures_get_the_gate_thresholds_of_the_settings(
 
     seen: dict[str, object] = {}
 
-    def recording_builder(*args: object, **kwargs: object) -> list[Path]:
+    def recording_builder(*args: object, **kwargs: object) -> study_images.WrittenObjects:
         seen.update(kwargs)
-        return []
+        return study_images.WrittenObjects([])
 
     monkeypatch.setattr(study_images, "build_report_objects", recording_builder)
     ctx.settings = replace(ctx.settings, smile_gate_a0=0.03, smile_gate_a1=0.2)
