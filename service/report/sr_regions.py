@@ -30,6 +30,7 @@ from highdicom.sr import (
     AlgorithmIdentification,
     CodeContentItem,
     ComprehensiveSR,
+    CoordinatesForMeasurement,
     FindingSite,
     GraphicTypeValues,
     ImageRegion,
@@ -81,6 +82,21 @@ def _polyline(points: np.ndarray, image: pydicom.Dataset, where: str) -> ImageRe
         graphic_type=GraphicTypeValues.POLYLINE,
         graphic_data=pts,
         source_image=SourceImageForRegion.from_source_image(image),
+    )
+
+
+def peak_coordinates(regions: KeyImageRegions, side: Side, where: str) -> CoordinatesForMeasurement:
+    """INFERRED FROM SCOORD (TID 300) for a per-side value of the TID 1501 group: the side's landmark
+    group at peak on the key image. A viewer that draws a group from its values' coordinates (OHIF's
+    non-geometric groups) draws these; without any, OHIF 3.13's SR loader stops with a TypeError."""
+    key = (side, "peak")
+    if key not in regions.marks:
+        raise InvalidParameterError(f"{where}.marks has no {side.value} peak")
+    region = _polyline(regions.marks[key], regions.image, f"{where}.marks[{side.value}/peak]")
+    return CoordinatesForMeasurement(
+        graphic_type=GraphicTypeValues.POLYLINE,
+        graphic_data=np.asarray(region.value, dtype=np.float64).reshape(-1, 2),
+        source_image=SourceImageForRegion.from_source_image(regions.image),
     )
 
 

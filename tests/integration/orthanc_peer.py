@@ -2,8 +2,9 @@
 
 Orthanc 1.10 listens on every address and cannot be told otherwise, so callers must first call
 ``conftest.require_private_netns("Orthanc")``. Each instance gets its own temp dir (config, Lua, storage,
-log), free loopback ports, no plugins, no authentication, and a Lua ``OnStableStudy`` that forwards the
-study's non-SR instances to FaceSym (never the SR FaceSym sent back, so no loop).
+log), free loopback ports, no plugins (or only DICOMweb, for a web viewer), no authentication, and a Lua
+``OnStableStudy`` that forwards the study's non-SR instances to FaceSym (never the SR FaceSym sent back,
+so no loop).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 from conftest import free_port, require_peer, stop_process
 
 FALLBACK_BINARY = "/usr/sbin/Orthanc"  # Debian installs it in sbin, which is not on a normal user's PATH
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # every Structured Report storage class
 
 # Forward what is new and not an SR: Orthanc calls OnStableStudy again once FaceSym's SR has made the study
@@ -81,6 +83,7 @@ class OrthancPeer:
         aet: str = "ORTHANC",
         stable_age: int = 2,
         start_timeout: float = 30.0,
+        dicomweb: bool = False,
     ) -> None:
         self.binary = orthanc_binary()
         self.aet = aet
@@ -89,6 +92,7 @@ class OrthancPeer:
         self.forward_to = forward_to
         self.stable_age = stable_age
         self.start_timeout = start_timeout
+        self.dicomweb = dicomweb
         self.dir: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -126,6 +130,11 @@ class OrthancPeer:
             "LuaScripts": [],
         }
         (self.dir / "tmp").mkdir()
+        if self.dicomweb:  # Debian's orthanc-dicomweb: QIDO-RS / WADO-RS for a web viewer (OHIF)
+            config["Plugins"] = [DICOMWEB_PLUGIN]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                                  "WadoRoot": "/wado", "Ssl": False, "StudiesMetadata": "Full",
+                                  "SeriesMetadata": "Full"}
         if self.forward_to is not None:
             ae_title, host, port = self.forward_to
             config["DicomModalities"] = {"facesym": [ae_title, host, port]}
