@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
+from typing import IO
 
 import numpy as np
 
@@ -22,6 +26,65 @@ def _quiet_mediapipe() -> None:
     # MediaPipe's C++ side logs through glog to stderr; keep the CLI's output readable.
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+#: What MediaPipe 0.10.21's C++ side writes to stderr on every graph start (absl logs before
+#: absl::InitializeLog, which no environment variable turns off): known, harmless, at DEBUG instead.
+_BENIGN_NATIVE = (
+    "inference_feedback_manager.cc", "landmark_projection_calculator.cc",
+    "All log messages before absl::InitializeLog()", "Created TensorFlow Lite XNNPACK delegate",
+    "gl_context.cc", "face_landmarker_graph.cc",
+)
+
+
+class _NativeStderrFilter:
+    """File descriptor 2 captured while any detector is starting (shared, counted: detectors may start in
+    several threads at once); when the last one is up, lines from :data:`_BENIGN_NATIVE` go to the log
+    at DEBUG and every other line back to the real stderr, unchanged (nothing is lost: a thread that
+    wrote meanwhile is only delayed). MediaPipe's graph threads write after ``FaceMesh()`` returns and
+    again on the first frame with a face, so the capture lasts until that frame, or at most
+    :data:`_STARTUP_FRAMES` frames (the service's own stderr logging is delayed that long, never lost)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: int | None = None
+        self._capture: IO[bytes] | None = None
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._users += 1
+            if self._users > 1:
+                return
+            try:
+                sys.stderr.flush()
+                self._saved = os.dup(2)
+            except (OSError, ValueError):  # no usable fd 2 (embedded): nothing to filter
+                self._saved = None
+                return
+            self._capture = tempfile.TemporaryFile()  # noqa: SIM115 - closed in release()
+            os.dup2(self._capture.fileno(), 2)
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users > 0 or self._saved is None or self._capture is None:
+                return
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            capture, self._saved, self._capture = self._capture, None, None
+        with capture:
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True):
+                if any(mark in line for mark in _BENIGN_NATIVE):
+                    log.debug("mediapipe: %s", line.rstrip())
+                else:
+                    os.write(2, line.encode("utf-8"))
+
+
+_native_stderr = _NativeStderrFilter()
+#: Frames after which a detector stops filtering stderr even if it has not seen a face yet.
+_STARTUP_FRAMES = 30
 
 
 class FaceMeshDetector:
@@ -46,15 +109,27 @@ class FaceMeshDetector:
         min_tracking_confidence: float = 0.5,
     ) -> None:
         _quiet_mediapipe()
-        import mediapipe as mp  # heavy import, only when a detector is built
+        _native_stderr.acquire()  # released after the first face (or _STARTUP_FRAMES, or on close)
+        self._starting = True
+        self._frames = 0
+        try:
+            import mediapipe as mp  # heavy import, only when a detector is built
 
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=static,
-            max_num_faces=max_faces,
-            refine_landmarks=True,
-            min_detection_confidence=min_detection_confidence,
-            min_tracking_confidence=min_tracking_confidence,
-        )
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=static,
+                max_num_faces=max_faces,
+                refine_landmarks=True,
+                min_detection_confidence=min_detection_confidence,
+                min_tracking_confidence=min_tracking_confidence,
+            )
+        except BaseException:
+            self._started()
+            raise
+
+    def _started(self) -> None:
+        if self._starting:
+            self._starting = False
+            _native_stderr.release()
 
     def detect(self, rgb: np.ndarray) -> tuple[np.ndarray | None, int]:
         """Landmarks of the largest face in ``rgb`` (H, W, 3) uint8.
@@ -62,8 +137,15 @@ class FaceMeshDetector:
         Returns ((478, 3) float32 px or None, face count).
         """
         h, w = rgb.shape[:2]
-        result = self._mesh.process(rgb)
+        try:
+            result = self._mesh.process(rgb)
+        except BaseException:
+            self._started()
+            raise
         faces = result.multi_face_landmarks or []
+        self._frames += 1
+        if faces or self._frames >= _STARTUP_FRAMES:
+            self._started()
         if not faces:
             return None, 0
         arrays = [
@@ -74,6 +156,7 @@ class FaceMeshDetector:
         return arrays[int(np.argmax(sizes))], len(arrays)
 
     def close(self) -> None:
+        self._started()
         self._mesh.close()
 
     def __enter__(self) -> FaceMeshDetector:
