@@ -413,6 +413,7 @@ def _process_claimed(
             ctx.engine_version,
             prior_reports=[ctx.files.abspath(job.sr_path) for _, job in priors if job.sr_path],
             key_images=written.regions,
+            comparison=comparison,
         )
         docs = [_result_doc(r) for r in results]
         fhir_error = _write_bundle(

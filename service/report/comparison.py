@@ -47,3 +47,16 @@ def changes(prior: PriorStudy, now: Mapping[str, float]) -> list[str]:
 
 def oldest_first(priors: Sequence[PriorStudy]) -> list[PriorStudy]:
     return sorted(priors, key=lambda p: p.date)
+
+
+def comparison_text(analyses: Iterable[Analysis], priors: Sequence[PriorStudy]) -> str:
+    """" Compared with 2024-01-08 pre-op: smile AS 31 → 78 (+47)." for each earlier study of the patient
+    that scored a task this study scored too (oldest first; empty without any)."""
+    now = current_scores(analyses)
+    out = []
+    for prior in oldest_first(priors):
+        parts = changes(prior, now)
+        if parts:
+            heading = f" Compared with {iso_date(prior.date)} {prior.label}".rstrip()
+            out.append(f"{heading}: {'; '.join(parts)}.")
+    return "".join(out)

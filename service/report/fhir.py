@@ -45,7 +45,7 @@ from pydantic import ValidationError
 from service.domain import Side, TaskResult
 from service.errors import InvalidParameterError
 from service.report import codes
-from service.report.comparison import PriorStudy, changes, current_scores, iso_date, oldest_first
+from service.report.comparison import PriorStudy, comparison_text
 from service.report.sr import InstanceFinding
 
 # ------------------------------------------------------------------------------------- systems
@@ -441,15 +441,7 @@ def _device(engine_version: str) -> dict[str, Any]:
 
 
 def _comparison_text(findings: Sequence[InstanceFinding], priors: Sequence[PriorStudy]) -> str:
-    """" Compared with 2024-01-08 pre-op: smile AS 31 → 78 (+47)." for each earlier study of the patient."""
-    now = current_scores(f.analysis for f in findings)
-    out = []
-    for prior in oldest_first(priors):
-        parts = changes(prior, now)
-        if parts:
-            heading = f" Compared with {iso_date(prior.date)} {prior.label}".rstrip()
-            out.append(f"{heading}: {'; '.join(parts)}.")
-    return "".join(out)
+    return comparison_text((f.analysis for f in findings), priors)
 
 
 def _conclusion(findings: Sequence[InstanceFinding]) -> str:

@@ -58,6 +58,7 @@ from service import __version__
 from service.domain import Analysis, Side, StaticItem, Task, TaskResult
 from service.errors import InvalidParameterError
 from service.report import codes
+from service.report.comparison import PriorStudy, comparison_text
 from service.report.sr_regions import KeyImageRegions, peak_coordinates, planar_groups, region_images
 from service.report.summary import grade_statement, impression
 
@@ -519,6 +520,7 @@ def build_report(
     manufacturer: str = "FaceSym",
     institution_name: str | None = None,
     key_images: Sequence[KeyImageRegions] = (),
+    comparison: Sequence[PriorStudy] = (),
 ) -> pydicom.Dataset:
     """Build the Comprehensive SR (PS3.3 A.35.3) with a TID 1500 Measurement Report of one study.
 
@@ -542,6 +544,9 @@ def build_report(
         per task and side, TID 1410 planar ROI groups with POLYLINE SCOORDs selected from that image
         (:mod:`service.report.sr_regions`), so a viewer draws them; the images join the evidence and the
         image library. A task without one has its TID 1501 group only.
+    comparison
+        The patient's earlier analysed studies: the Impression ends with the change of each task's
+        Asymmetry Score since each of them (:func:`service.report.comparison.comparison_text`).
 
     Returns
     -------
@@ -588,7 +593,8 @@ def build_report(
         imaging_measurements=[*groups, *planar],
         referenced_images=images or None,
     )
-    _add_impression(report, impression(findings))
+    since = comparison_text((f.analysis for f in findings), comparison)
+    _add_impression(report, impression(findings) + since)
     series_uid, sop_uid = report_uids((str(ds.SOPInstanceUID) for ds in evidence), engine_version)
     # IHE RAD TF AI Results: the SR names the AI model as Contributing Equipment (PS3.3 C.12.1.1.5).
     facesym_equipment = hd.ContributingEquipment(

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 
 from service.media.dicom_io import DEFER_SIZE, write_dicom
+from service.report.comparison import PriorStudy
 from service.report.sr import InstanceFinding, build_report
 from service.report.sr_regions import KeyImageRegions
 
@@ -22,6 +23,7 @@ def write_report(
     engine_version: str,
     prior_reports: Sequence[Path] = (),
     key_images: Sequence[KeyImageRegions] = (),
+    comparison: Sequence[PriorStudy] = (),
 ) -> tuple[Path, str]:
     """Build the study's SR from its source files and write it under ``out_dir``; returns (path, SOP UID).
 
@@ -29,7 +31,8 @@ def write_report(
     """
     # Large values (a huge private element) stay on disk: only a few header attributes are needed.
     evidence = [dcmread(p, stop_before_pixels=True, defer_size=DEFER_SIZE) for p in source_paths]
-    ds = build_report(evidence, findings, engine_version=engine_version, key_images=key_images)
+    ds = build_report(evidence, findings, engine_version=engine_version, key_images=key_images,
+                      comparison=comparison)
     priors = [dcmread(p, stop_before_pixels=True) for p in prior_reports if Path(p).is_file()]
     if priors:
         # The patient's earlier reports (before/after), PS3.3 C.17.2 Pertinent Other Evidence Sequence.

@@ -36,6 +36,7 @@ def _study(tmp: Path, name: str, left: float, date: str) -> tuple[str, Path]:
 def test_post_op_report_compares_with_pre_op(tmp_path: Path) -> None:
     pdftotext = require_peer("pdftotext")
     from service.jobs.scheduler import FaceSymService
+    from service.report.sr import read_impression
 
     pre_uid, pre = _study(tmp_path, "pre-op", 0.03, "20240108")
     post_uid, post = _study(tmp_path, "post-op", 0.2, "20240312")
@@ -69,6 +70,10 @@ def test_post_op_report_compares_with_pre_op(tmp_path: Path) -> None:
     post_sr.save_as(sr_path, enforce_file_format=True)
     check = subprocess.run([require_peer("dciodvfy"), str(sr_path)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+    # The SR's Impression says it too, in the words of the FHIR conclusion.
+    impression = read_impression(post_sr) or ""
+    assert "Compared with 2024-01-08 pre-op: smile AS" in impression and "(+" in impression, impression
+    assert "Compared with" not in (read_impression(pre_sr) or "")
     assert "Comparison with earlier studies" in text
     line = next(ln for ln in text.splitlines() if "pre-op" in ln)
     assert "2024-01-08" in line and "smile AS" in line and "(+" in line, line  # improved since pre-op
