@@ -297,32 +297,33 @@ def _versions(w: _Writer, engine_version: str, model_versions: Sequence[str]) ->
     )
 
 
+def _figure_heading(label: str, task: TaskResult) -> str:
+    """"Series 2 #1 Smile: AS 38.0, CS 41.2", the task named once (an input labelled after its task, as
+    "Series 1 #1 Smile", is not followed by ": Smile" again)."""
+    title = TASK_TITLE[task.task]
+    named = label if label.lower().rstrip(" )").endswith(title.lower()) else f"{label}: {title}"
+    return f"{named} (AS {task.asymmetry_score:.1f}, CS {task.cosine_score:.1f})"
+
+
 def _figures(w: _Writer, findings: Sequence[tuple[str, Analysis]], figures: FiguresByTask) -> None:
-    """One task alone: key image and flow overlay side by side, the motion plot below, on one page.
-    Several tasks: one row per task (up to five rows a page, zoomable: full-resolution images)."""
+    """A page per task, legible at print size: key image and flow overlay side by side (each about 3.4 in
+    wide on A4), the motion plot below at the full text width."""
     blocks = [
         (label, task, [np.asarray(f) for f in figures.get((label, task.task), ())])
         for label, analysis in findings
         for task in analysis.tasks
     ]
     blocks = [b for b in blocks if b[2]]
-    if not blocks:
-        return
-    w.new_page()
-    w.line("Figures", size=14, weight="bold", gap=1.6)
-    single = len(blocks) == 1
-    for label, task, images in blocks:
-        w.need(2.2)
-        w.line(f"{label}: {TASK_TITLE[task.task]} (AS {task.asymmetry_score:.1f}, "
-               f"CS {task.cosine_score:.1f})", size=10, weight="bold")
-        if single:
-            portrait = [im for im in images if im.shape[0] >= im.shape[1]]
-            landscape = [im for im in images if im.shape[0] < im.shape[1]]
-            for group in (portrait, landscape):
-                if group:
-                    w.images(group, 4.6)
-        else:
-            w.images(images, 1.9)
+    for k, (label, task, images) in enumerate(blocks):
+        w.new_page()
+        if k == 0:
+            w.line("Figures", size=14, weight="bold", gap=1.6)
+        w.line(_figure_heading(label, task), size=10, weight="bold")
+        portrait = [im for im in images if im.shape[0] >= im.shape[1]]
+        landscape = [im for im in images if im.shape[0] < im.shape[1]]
+        for group in (portrait, landscape):
+            if group:
+                w.images(group, 4.6)
         w.space(0.1)
 
 

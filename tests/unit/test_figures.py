@@ -184,7 +184,27 @@ def test_pdf_text(tmp_path: Path) -> None:
     assert "WARNING — Series 1 #1 smile, Brow raise: head motion NOT corrected (residual 0.091 D" in flat
     assert flat.count("Head motion: roll") == 2  # eye closure has none
     pages = subprocess.run([exe, str(path), "-"], capture_output=True, text=True, check=True).stdout
-    assert pages.count("\f") == 2  # one to two pages
+    assert pages.count("\f") == 2  # the summary, then a page of figures per task that has them
+    assert "Series 1 #1 smile (AS 0.0" in flat and "smile: Smile" not in flat  # the task named once
+
+
+@pytest.mark.peers
+def test_pdf_gives_each_task_its_own_page_of_figures(tmp_path: Path) -> None:
+    exe = require_peer("pdftotext")
+    rest = symmetric_face()
+    key = fg.key_image(_image(), _to_px(rest), _to_px(smile_face(rest, 0.25, 0.0)), _task())
+    label, analysis = _findings()[0]
+    figs = {(label, t.task): [key, fg.motion_plot(_task(), 30.0, (0.02, 0.08))] for t in analysis.tasks}
+    path = tmp_path / "r.pdf"
+    path.write_bytes(render_pdf([(label, analysis)], figs, study_description="x", study_date="20240131",
+                                engine_version="engine-9"))
+    text = subprocess.run([exe, str(path), "-"], capture_output=True, text=True, check=True).stdout
+    pages = [" ".join(p.split()) for p in text.split("\f") if p.strip()]
+    assert len(analysis.tasks) >= 2 and len(pages) == 1 + len(analysis.tasks)
+    for page, task in zip(pages[1:], analysis.tasks, strict=True):  # one task per page, named once
+        title = fg.TASK_TITLE[task.task]
+        heading = label if task.task is Task.SMILE else f"{label}: {title}"
+        assert f"{heading} (AS {task.asymmetry_score:.1f}" in page, page
 
 
 # ----------------------------------------------------------------------------------- DICOM objects
