@@ -403,6 +403,9 @@ def _process_claimed(
         ]
         priors = _prior_jobs(ctx, study_uid)
         comparison = _prior_studies(priors)
+        with ctx.sessions() as s:  # the study's earlier report, superseded if the new one differs
+            earlier = s.get(Job, job_id)
+            replaces = ctx.files.abspath(earlier.sr_path) if earlier is not None and earlier.sr_path else None
         # The key images first: the SR draws the measurements on them (SCOORDs that reference them).
         written = _report_objects(ctx, job_id, study_uid, results, comparison)
         report_files = written.paths
@@ -414,6 +417,7 @@ def _process_claimed(
             prior_reports=[ctx.files.abspath(job.sr_path) for _, job in priors if job.sr_path],
             key_images=written.regions,
             comparison=comparison,
+            replaces=replaces,
         )
         docs = [_result_doc(r) for r in results]
         fhir_error = _write_bundle(

@@ -61,12 +61,14 @@ _TYPE2_PATIENT_STUDY = (
 
 
 def object_uids(
-    source_sop_instance_uids: Iterable[str], engine_version: str, role: str, count: int
+    source_sop_instance_uids: Iterable[str], engine_version: str, role: str, count: int, content: str = ""
 ) -> tuple[str, list[str]]:
     """Deterministic (Series Instance UID, [SOP Instance UID × count]) of one derived series.
 
     ``role`` names the series ("sc" for the key images, "pdf" for the report); each UID is '2.25.' and a
-    128-bit SHA-256 hash of the sorted unique source UIDs, the engine version, the role and the index.
+    128-bit SHA-256 hash of the sorted unique source UIDs, the engine version, the role and the index;
+    the SOP Instance UIDs also of ``content`` (:func:`service.report.sr.content_digest`), so a corrected
+    re-send gets new objects in the same series.
     """
     uids = sorted({str(u).strip() for u in source_sop_instance_uids})
     if not uids or not all(uids):
@@ -77,7 +79,8 @@ def object_uids(
     tag = f"facesym-{role}"
     return (
         _hash_uid(tag, joined, engine_version, "series"),
-        [_hash_uid(tag, joined, engine_version, "sop", str(k)) for k in range(count)],
+        [_hash_uid(tag, joined, engine_version, "sop", str(k), *([content] if content else []))
+         for k in range(count)],
     )
 
 
@@ -131,6 +134,7 @@ def build_sc_images(
     source_sop_uids: Sequence[str],
     series_number: int = 9002,
     source_classes: dict[str, str] | None = None,
+    content: str = "",
 ) -> list[Dataset]:
     """Each figure as a Secondary Capture Image (PS3.3 A.8.1) in the source study.
 
@@ -157,7 +161,7 @@ def build_sc_images(
     """
     if not figures:
         return []
-    series_uid, sop_uids = object_uids(source_sop_uids, engine_version, "sc", len(figures))
+    series_uid, sop_uids = object_uids(source_sop_uids, engine_version, "sc", len(figures), content)
     ref = _complete_type2(evidence)
     out: list[Dataset] = []
     for k, (fig, sop_uid) in enumerate(zip(figures, sop_uids, strict=True)):
@@ -210,6 +214,7 @@ def build_encapsulated_pdf(
     series_number: int = 9003,
     source_classes: dict[str, str] | None = None,
     document_title: str = PDF_DOCUMENT_TITLE,
+    content: str = "",
 ) -> Dataset:
     """The PDF report as an Encapsulated PDF object (PS3.3 A.45.1) in the source study.
 
@@ -224,7 +229,7 @@ def build_encapsulated_pdf(
     """
     if not pdf_bytes.startswith(b"%PDF"):
         raise InvalidParameterError("pdf_bytes is not a PDF (no %PDF header)")
-    series_uid, (sop_uid,) = object_uids(source_sop_uids, engine_version, "pdf", 1)
+    series_uid, (sop_uid,) = object_uids(source_sop_uids, engine_version, "pdf", 1, content)
     ref = _complete_type2(evidence)
     date, time = _now()
 

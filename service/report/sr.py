@@ -98,7 +98,35 @@ def _hash_uid(*parts: str) -> str:
     return "2.25." + str(int.from_bytes(digest[:16], "big"))
 
 
-def report_uids(source_sop_instance_uids: Iterable[str], engine_version: str) -> tuple[str, str]:
+#: The header attributes an SR, key image or PDF copies from its sources: a correction of any of them
+#: (a re-sent study with a fixed PatientName) must give the objects new SOP Instance UIDs.
+COPIED_HEADER = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+    "StudyDescription", "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+)
+
+
+def content_digest(headers: Sequence[pydicom.Dataset], *parts: object) -> str:
+    """SHA-256 (hex) of the :data:`COPIED_HEADER` values of the source ``headers`` (in SOP Instance UID
+    order, so the order they come in does not matter) and the ``repr`` of ``parts`` (the engine's frozen
+    results): equal for the same content, different when anything the object says changes. An input of
+    the SOP Instance UIDs (:func:`report_uids`)."""
+    h = hashlib.sha256()
+    for header in sorted(headers, key=lambda ds: str(ds.get("SOPInstanceUID", ""))):
+        for keyword in COPIED_HEADER:
+            try:
+                value = header.get(keyword)
+            except Exception:  # noqa: BLE001 - a malformed value still identifies the content by its bytes
+                value = header[keyword].value if keyword in header else None
+            h.update(f"{keyword}={'' if value is None else value}\x1f".encode("utf-8", "replace"))
+    for part in parts:
+        h.update(repr(part).encode("utf-8", "replace") + b"\x1e")
+    return h.hexdigest()
+
+
+def report_uids(
+    source_sop_instance_uids: Iterable[str], engine_version: str, content: str = ""
+) -> tuple[str, str]:
     """Deterministic Series Instance UID and SOP Instance UID of the SR of a study.
 
     Parameters
@@ -107,14 +135,18 @@ def report_uids(source_sop_instance_uids: Iterable[str], engine_version: str) ->
         SOP Instance UIDs of the source instances the SR reports on (order and repeats do not matter).
     engine_version
         ``service.engine.ENGINE_VERSION``: a new analysis method yields a new SR.
+    content
+        :func:`content_digest` of what the SR says: an input of the SOP Instance UID only, so a
+        corrected re-send gets a new SR in the same series.
 
     Returns
     -------
     tuple[str, str]
         (series_instance_uid, sop_instance_uid), each '2.25.' followed by the decimal value of a
         128-bit hash (SHA-256, truncated) of the sorted unique source UIDs, the engine version and a
-        role tag ('series' or 'sop'), as PS3.5 B.2 allows for UUID-derived UIDs. A resend of the same
-        study analysed by the same engine version gets the same UIDs, so the PACS keeps one SR.
+        role tag ('series' or 'sop'; the SOP UID also of ``content``), as PS3.5 B.2 allows for
+        UUID-derived UIDs. A resend of the same study with the same content analysed by the same engine
+        version gets the same UIDs, so the PACS keeps one SR; changed content gets a new SOP UID.
     """
     uids = sorted({str(u).strip() for u in source_sop_instance_uids})
     if not uids or not all(uids):
@@ -124,7 +156,7 @@ def report_uids(source_sop_instance_uids: Iterable[str], engine_version: str) ->
     joined = "\n".join(uids)
     return (
         _hash_uid("facesym-sr", joined, engine_version, "series"),
-        _hash_uid("facesym-sr", joined, engine_version, "sop"),
+        _hash_uid("facesym-sr", joined, engine_version, "sop", *([content] if content else [])),
     )
 
 
@@ -521,6 +553,7 @@ def build_report(
     institution_name: str | None = None,
     key_images: Sequence[KeyImageRegions] = (),
     comparison: Sequence[PriorStudy] = (),
+    replaces: pydicom.Dataset | None = None,
 ) -> pydicom.Dataset:
     """Build the Comprehensive SR (PS3.3 A.35.3) with a TID 1500 Measurement Report of one study.
 
@@ -547,6 +580,10 @@ def build_report(
     comparison
         The patient's earlier analysed studies: the Impression ends with the change of each task's
         Asymmetry Score since each of them (:func:`service.report.comparison.comparison_text`).
+    replaces
+        The header of the SR this one supersedes (the study's earlier report, e.g. before a corrected
+        re-send): listed in the Predecessor Documents Sequence (PS3.3 C.17.2) when its SOP Instance UID
+        differs, so a PACS and a reader see which report is current.
 
     Returns
     -------
@@ -595,7 +632,11 @@ def build_report(
     )
     since = comparison_text((f.analysis for f in findings), comparison)
     _add_impression(report, impression(findings) + since)
-    series_uid, sop_uid = report_uids((str(ds.SOPInstanceUID) for ds in evidence), engine_version)
+    drawn = [(r.source_sop_instance_uid, r.task, str(r.image.SOPInstanceUID)) for r in key_images]
+    content = content_digest(evidence, [f.analysis for f in findings], since, drawn)
+    series_uid, sop_uid = report_uids((str(ds.SOPInstanceUID) for ds in evidence), engine_version, content)
+    superseded = replaces is not None and str(replaces.SOPInstanceUID) != sop_uid
+    predecessors = [replaces] if superseded and replaces is not None else None
     # IHE RAD TF AI Results: the SR names the AI model as Contributing Equipment (PS3.3 C.12.1.1.5).
     facesym_equipment = hd.ContributingEquipment(
         manufacturer="FaceSym",
@@ -620,6 +661,7 @@ def build_report(
         manufacturer=manufacturer,
         institution_name=institution_name,
         is_complete=True,
+        previous_versions=predecessors,
         performed_procedure_codes=[codes.PROCEDURE],
         contributing_equipment=[facesym_equipment],
         coding_schemes=[scheme],

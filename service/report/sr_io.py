@@ -24,15 +24,24 @@ def write_report(
     prior_reports: Sequence[Path] = (),
     key_images: Sequence[KeyImageRegions] = (),
     comparison: Sequence[PriorStudy] = (),
+    replaces: Path | None = None,
 ) -> tuple[Path, str]:
     """Build the study's SR from its source files and write it under ``out_dir``; returns (path, SOP UID).
 
-    The SR's UIDs derive from the sources and the engine version, so the same study gives the same file.
+    The SR's UIDs derive from the sources, the engine version and the content, so the same study gives the
+    same file; ``replaces`` is the study's earlier SR file (if any), named as its predecessor when the
+    content changed (a missing or unreadable file is skipped).
     """
     # Large values (a huge private element) stay on disk: only a few header attributes are needed.
     evidence = [dcmread(p, stop_before_pixels=True, defer_size=DEFER_SIZE) for p in source_paths]
+    previous = None
+    if replaces is not None and Path(replaces).is_file():
+        try:
+            previous = dcmread(replaces, stop_before_pixels=True)
+        except (OSError, ValueError):
+            previous = None
     ds = build_report(evidence, findings, engine_version=engine_version, key_images=key_images,
-                      comparison=comparison)
+                      comparison=comparison, replaces=previous)
     priors = [dcmread(p, stop_before_pixels=True) for p in prior_reports if Path(p).is_file()]
     if priors:
         # The patient's earlier reports (before/after), PS3.3 C.17.2 Pertinent Other Evidence Sequence.

@@ -28,6 +28,7 @@ from service.report import figures as fg
 from service.report.comparison import PriorStudy
 from service.report.pdf import ReportHeader, render_pdf
 from service.report.secondary import build_encapsulated_pdf, build_sc_images
+from service.report.sr import content_digest
 from service.report.sr_regions import KeyImageRegions
 
 log = logging.getLogger(__name__)
@@ -317,13 +318,15 @@ def render_report_objects(
     )
     uids = [str(ds.SOPInstanceUID) for ds in headers]
     classes = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in headers}
+    # New content (a corrected name, other results) gets new SOP Instance UIDs; the same content the same.
+    content = content_digest(headers, [a for _, a, _ in analyses], list(comparison))
     datasets = build_sc_images(ordered, first, engine_version=engine_version, source_sop_uids=uids,
-                               source_classes=classes)
+                               source_classes=classes, content=content)
     regions = [KeyImageRegions(it.sop_instance_uid, task, ds, f.marks)
                for (it, task, f), ds in zip(placed, datasets, strict=True)
                if f.kind == "key" and f.marks is not None and it.sop_instance_uid]
     datasets.append(build_encapsulated_pdf(pdf, first, engine_version=engine_version,
-                                           source_sop_uids=uids, source_classes=classes))
+                                           source_sop_uids=uids, source_classes=classes, content=content))
     log.info("report objects: %d figure(s), PDF %d bytes, %.0f ms", len(ordered), len(pdf),
              1000 * (time.perf_counter() - started))
     return ReportObjects(datasets, pdf, figs, regions)

@@ -28,6 +28,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
@@ -64,7 +65,12 @@ class Patient(Base):
     name: Mapped[str] = mapped_column(String(324), default="")
     birth_date: Mapped[str] = mapped_column(String(8), default="")
     sex: Mapped[str] = mapped_column(String(16), default="")
-    __table_args__ = (UniqueConstraint("patient_id", "issuer", "name", name="uq_patient"),)
+    # A non-empty PatientID with its issuer is the patient (migration 0004); without one, the name too.
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer", "name", name="uq_patient"),
+        Index("uq_patient_id_issuer", "patient_id", "issuer", unique=True,
+              sqlite_where=text("patient_id != ''"), postgresql_where=text("patient_id != ''")),
+    )
 
 
 class Study(Base):

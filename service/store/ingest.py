@@ -177,6 +177,12 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 _PatientKey = tuple[str, str, str]
 
 
+def patient_key(patient_id: str, issuer: str, name: str) -> _PatientKey:
+    """Who a patient is: a non-empty PatientID with its Issuer of Patient ID (one row however the name
+    is spelt, so a corrected name updates the row); without a PatientID, the name as well."""
+    return (patient_id, issuer, "" if patient_id else name)
+
+
 @dataclass(frozen=True)
 class _Header:
     """What the rows need from one object, read once from its header (in the association's own thread, so
@@ -188,7 +194,7 @@ class _Header:
     series_uid: str
     ds: Dataset
     transfer_syntax: str
-    patient_key: _PatientKey = ("", "", "")  # PatientID, IssuerOfPatientID, PatientName
+    patient_key: _PatientKey = ("", "", "")  # :func:`patient_key`
     patient: dict[str, Any] = field(default_factory=dict)  # the Patient columns besides the key
     study: dict[str, Any] = field(default_factory=dict)
     series: dict[str, Any] = field(default_factory=dict)
@@ -227,10 +233,11 @@ def _read_header(path: Path) -> _Header:
         uids["SeriesInstanceUID"],
         ds,
         ts,
-        patient_key=(
+        patient_key=patient_key(
             _text(ds, "PatientID", 64), _text(ds, "IssuerOfPatientID", 64), _text(ds, "PatientName", 324)
         ),
-        patient={"birth_date": _text(ds, "PatientBirthDate", 8), "sex": _text(ds, "PatientSex", 16)},
+        patient={"name": _text(ds, "PatientName", 324), "birth_date": _text(ds, "PatientBirthDate", 8),
+                 "sex": _text(ds, "PatientSex", 16)},
         study={
             "accession_number": _text(ds, "AccessionNumber", 16),
             "study_id": _text(ds, "StudyID", 16),
@@ -636,7 +643,7 @@ class _Lookup:
         # By PatientID alone (one cheap IN query), the exact key matched here.
         ids = sorted({key[0] for key in keys})
         for patient in s.scalars(select(Patient).where(Patient.patient_id.in_(ids)).order_by(Patient.id)):
-            key = (patient.patient_id, patient.issuer, patient.name)
+            key = patient_key(patient.patient_id, patient.issuer, patient.name)
             if key in keys:
                 self._patients.setdefault(key, patient)
         for key in keys:
@@ -675,9 +682,10 @@ class _Lookup:
     def patient(self, key: _PatientKey) -> Patient | None:
         if key not in self._patients:
             a, b, c = key
-            self._patients[key] = self.session.scalar(
-                select(Patient).where(Patient.patient_id == a, Patient.issuer == b, Patient.name == c)
-            )
+            query = select(Patient).where(Patient.patient_id == a, Patient.issuer == b)
+            if not a:  # no PatientID: the name tells patients apart
+                query = query.where(Patient.name == c)
+            self._patients[key] = self.session.scalar(query.order_by(Patient.id))
         return self._patients[key]
 
     def study(self, uid: str) -> Study | None:
@@ -701,7 +709,7 @@ class _Lookup:
     def added(self, row: Patient | Study | Series | Job) -> None:
         """A row the transaction created (after :meth:`Session.add`)."""
         if isinstance(row, Patient):
-            self._patients[(row.patient_id, row.issuer, row.name)] = row
+            self._patients[patient_key(row.patient_id, row.issuer, row.name)] = row
         elif isinstance(row, Study):
             self._studies[row.study_uid] = row
         elif isinstance(row, Series):
@@ -734,13 +742,15 @@ def _unplace(target: Path, tmp: Path) -> None:
 def _upsert_patient(lookup: _Lookup, head: _Header) -> Patient:
     patient = lookup.patient(head.patient_key)
     if patient is None:
-        patient_id, issuer, name = head.patient_key
-        patient = Patient(patient_id=patient_id, issuer=issuer, name=name, **head.patient)
+        patient_id, issuer, _ = head.patient_key
+        patient = Patient(patient_id=patient_id, issuer=issuer, **head.patient)
         lookup.session.add(patient)
         lookup.added(patient)
     else:
-        patient.birth_date = patient.birth_date or head.patient["birth_date"]
-        patient.sex = patient.sex or head.patient["sex"]
+        # The newest data corrects the patient's attributes (a re-sent study with a fixed name).
+        patient.name = head.patient["name"] or patient.name
+        patient.birth_date = head.patient["birth_date"] or patient.birth_date
+        patient.sex = head.patient["sex"] or patient.sex
     return patient
 
 

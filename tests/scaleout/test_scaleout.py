@@ -433,6 +433,11 @@ def test_db_upgrade_on_empty_postgresql_and_on_an_old_create_all_sqlite_database
             "INSERT INTO patient VALUES (1, 'P1', '', 'OLD^PATIENT', '', '');"
             "INSERT INTO study VALUES (1, '1.2.3.4', 1, '', '', '', '', '', '', "
             "'2026-01-01 00:00:00.000000');"
+            # The same patient again under a corrected name (two rows before 0004), and one without an ID.
+            "INSERT INTO patient VALUES (2, 'P1', '', 'OLD^PATIENTA', '19700101', 'F');"
+            "INSERT INTO study VALUES (2, '1.2.3.5', 2, '', '', '', '', '', '', "
+            "'2026-01-02 00:00:00.000000');"
+            "INSERT INTO patient VALUES (3, '', '', 'NO^ID', '', '');"
             "INSERT INTO job VALUES (1, 1, 'old', 'REPORTED', '', 1, '2026-01-01 00:00:00.000000', '', "
             "'reports/x.dcm', '1.2.3.4.5', '[]', '[]', '2026-01-01 00:00:00.000000', "
             "'2026-01-01 00:00:00.000000');"
@@ -446,7 +451,10 @@ def test_db_upgrade_on_empty_postgresql_and_on_an_old_create_all_sqlite_database
     assert _facesym("db", "current", env=env).stdout.strip() == f"{head} (head)"
     assert _schema_diff(f"sqlite:///{db}") == []
     with sqlite3.connect(db) as con:
-        assert con.execute("SELECT study_uid FROM study").fetchall() == [("1.2.3.4",)]
+        assert con.execute("SELECT study_uid, patient_pk FROM study ORDER BY id").fetchall() == [
+            ("1.2.3.4", 1), ("1.2.3.5", 1)]  # merged into the oldest row, which takes the newest name
+        assert con.execute("SELECT id, patient_id, name, birth_date FROM patient ORDER BY id").fetchall() == [
+            (1, "P1", "OLD^PATIENTA", "19700101"), (3, "", "NO^ID", "")]
         assert con.execute("SELECT state, sr_sop_instance_uid, lease_expires_at FROM job").fetchall() == [
             ("REPORTED", "1.2.3.4.5", None)]
         assert con.execute("SELECT destination, claimed_by FROM delivery").fetchall() == [

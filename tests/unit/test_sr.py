@@ -201,9 +201,8 @@ def test_sr_header(written: Path, study: dict[str, Dataset]) -> None:
     assert ds.Modality == "SR"
     assert ds.StudyInstanceUID == study["video"].StudyInstanceUID
     assert ds.PatientName == PATIENT
-    assert (ds.SeriesInstanceUID, ds.SOPInstanceUID) == report_uids(
-        [study["photo"].SOPInstanceUID, study["video"].SOPInstanceUID], ENGINE
-    )
+    series, _ = report_uids([study["photo"].SOPInstanceUID, study["video"].SOPInstanceUID], ENGINE)
+    assert ds.SeriesInstanceUID == series  # the SOP Instance UID also derives from the content (below)
     assert ds.SeriesNumber == 9001 and ds.SeriesDescription == "FaceSym facial symmetry report"
     assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     # The source instances are the evidence of the current requested procedure (PS3.3 C.17.2.3).
@@ -384,3 +383,27 @@ def test_peak_frames_beyond_the_object_are_clipped(study: dict[str, Dataset]) ->
     finding = InstanceFinding(video.SOPClassUID, video.SOPInstanceUID, N_FRAMES, Analysis(quality, (late,)))
     (got,) = read_report(build_report([video], [finding], engine_version=ENGINE))
     assert got["tasks"][0]["peak_frames"] == [N_FRAMES - 2, N_FRAMES - 1]
+
+
+def test_changed_content_gets_a_new_sr_uid_that_names_its_predecessor(study: dict[str, Dataset]) -> None:
+    """Issue 14, finding 4: the same content gives the same SR UID (a resend never duplicates); a corrected
+    PatientName or StudyDescription gives a new SOP Instance UID in the same series, and the new SR lists
+    the one it replaces in the Predecessor Documents Sequence (PS3.3 C.17.2)."""
+    evidence, findings = list(study.values()), _findings(study)
+    first = build_report(evidence, findings, engine_version=ENGINE)
+    assert build_report(evidence, findings, engine_version=ENGINE).SOPInstanceUID == first.SOPInstanceUID
+    for keyword, value in (("PatientName", "DOE^JANET"), ("StudyDescription", "Facial palsy (corrected)")):
+        fixed = [copy.deepcopy(ds) for ds in evidence]
+        for ds in fixed:
+            setattr(ds, keyword, value)
+        again = build_report(fixed, findings, engine_version=ENGINE, replaces=first)
+        assert again.SOPInstanceUID != first.SOPInstanceUID, keyword
+        assert again.SeriesInstanceUID == first.SeriesInstanceUID
+        (pred,) = again.PredecessorDocumentsSequence
+        ref = pred.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    # Other results are other content too; an unchanged report names no predecessor (it IS the same).
+    other = [replace(findings[0], analysis=Analysis(findings[0].analysis.quality, (SMILE,))), findings[1]]
+    assert build_report(evidence, other, engine_version=ENGINE).SOPInstanceUID != first.SOPInstanceUID
+    same = build_report(evidence, findings, engine_version=ENGINE, replaces=first)
+    assert "PredecessorDocumentsSequence" not in same
