@@ -13,12 +13,14 @@ every list or search (110112), every login, logout and failed login (110114; a f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,6 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response
 
 from service.api import data, metrics
+from service.api.login_guard import DEVICE_COOKIE, DEVICE_MAX_AGE_S, LoginGuard
 from service.api.security import (
     DUMMY_HASH,
     Signer,
@@ -149,8 +152,9 @@ class Web:
     files_root: Path
     templates: Jinja2Templates
     times: metrics.AnalysisTimes = field(default_factory=metrics.AnalysisTimes)
-    user_throttle: _Throttle = field(default_factory=lambda: _Throttle(5, 300.0))
-    ip_throttle: _Throttle = field(default_factory=lambda: _Throttle(30, 300.0))
+    #: Failed console logins: progressive delays for unknown clients, none for a user's own browser, and
+    #: one audit record per (user, address) and minute (service/api/login_guard.py).
+    login_guard: LoginGuard = field(default_factory=LoginGuard)
     #: Unknown API tokens per client address: beyond the limit a 429, and no audit record per request
     #: (one alert when the limit is reached), so the trail cannot be flooded through the token path.
     token_throttle: _Throttle = field(default_factory=lambda: _Throttle(20, 60.0))
@@ -205,7 +209,13 @@ def create_app(
         files_root=Path(getattr(settings, "files_dir", Path(settings.data_dir) / "files")),
         templates=templates,
     )
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        flush_login_summaries(web, everything=True)  # the last minute's failed-login count is not lost
+
     app = FastAPI(
+        lifespan=lifespan,
         title="FaceSym", version=_facesym_version(), openapi_url=None, docs_url=None, redoc_url=None,
         description="FaceSym web console API: studies, scores, audit trail, system state. Authenticate "
                     "with `Authorization: Bearer <token>` (`facesym user token USERNAME`).",
@@ -389,24 +399,33 @@ def _page_routes(app: FastAPI, web: Web) -> None:  # noqa: C901 - one function p
         nonce = str(pre.get("n", "")) if pre else ""
         if not nonce or not web.signer.check_csrf("login:" + nonce, csrf_token):
             return _login_again(web, request, next, "The login form expired; please try again.", 403)
-        if web.user_throttle.blocked(username.lower()) or web.ip_throttle.blocked(ip):
-            _login_failed(web, username, ip, "too many failed logins: refused for a while")
-            return _login_again(web, request, next, "Too many failed attempts; wait a few minutes.", 429)
+        flush_login_summaries(web)
+        device = bool(username) and _device_user(web, request) == username.lower()
+        wait = web.login_guard.wait_seconds(username, ip, device=device)
+        if wait > 0:  # too early after repeated failures: refused without looking at the password
+            seconds = max(1, math.ceil(wait))
+            _login_failed(web, username, ip, f"too many failed logins: asked to wait {seconds} s")
+            refused = _login_again(web, request, next,
+                                   f"Too many failed attempts; try again in {seconds} s.", 429)
+            refused.headers["Retry-After"] = str(seconds)
+            return refused
         with web.sessions() as db:
             user = db.scalar(select(User).where(User.username == username)) if username else None
         ok = verify_password(password, user.password_hash if user else DUMMY_HASH) and user is not None
         if not ok or user is None or user.role not in ROLE_RANK:
-            web.user_throttle.fail(username.lower())
-            web.ip_throttle.fail(ip)
+            web.login_guard.failed(username, ip, device=device)
             _login_failed(web, username, ip, "wrong user name or password")
             return _login_again(web, request, next, "Wrong user name or password.", 401)
-        web.user_throttle.clear(username.lower())
+        web.login_guard.succeeded(username, device=device)
         web.record(user_authentication("login", user.username, ip, SUCCESS, local_ae=web.ae,
                                        description=f"console login (role {user.role})"))
         resp = RedirectResponse(next if is_safe_next(next) else "/", status_code=303)
         _set_cookie(request, resp, SESSION_COOKIE, web.signer.new_session(user.username, user.session_epoch),
                     int(web.signer.max_age))
         resp.delete_cookie(LOGIN_COOKIE, path="/")
+        # This browser is now a known client of this user: never delayed by others' failed attempts.
+        _set_cookie(request, resp, DEVICE_COOKIE,
+                    web.signer.sign({"d": user.username.lower(), "t": time.time()}), DEVICE_MAX_AGE_S)
         return resp
 
     @app.post("/logout", include_in_schema=False)
@@ -550,10 +569,34 @@ def _login_again(web: Web, request: Request, next_url: str, error: str, status: 
 
 
 def _login_failed(web: Web, username: str, ip: str, why: str) -> None:
+    """The first failure of a (user, address) in a minute is recorded (110114 failure + 110113 alert);
+    the minute's further ones are counted into one record (:func:`flush_login_summaries`)."""
+    if not web.login_guard.audit_failure(username, ip):
+        return
     web.record(user_authentication("login", username or "unknown", ip, MINOR_FAILURE, local_ae=web.ae,
                                    description=f"console login failed: {why}"))
     web.record(security_alert("node_authentication", username or "unknown", ip, local_ae=web.ae,
                               description=f"console login failed: {why}"))
+
+
+def flush_login_summaries(web: Web, *, everything: bool = False) -> None:
+    """One 110114 record per (user, address) minute that had more failed logins than its first
+    (PS3.15 A.5.3: repeated events may be aggregated). ``everything`` at shutdown."""
+    for name, ip, count, span in web.login_guard.due_summaries(all_windows=everything):
+        web.record(user_authentication(
+            "login", name or "unknown", ip, MINOR_FAILURE, local_ae=web.ae,
+            description=f"console login failed {count} more time(s) in {span:.0f} s (aggregated)"))
+
+
+def _device_user(web: Web, request: Request) -> str:
+    """The user name of this browser's device cookie, if it is ours and not older than its lifetime."""
+    data = web.signer.unsign(request.cookies.get(DEVICE_COOKIE, ""))
+    try:
+        if data and 0 <= time.time() - float(data["t"]) <= DEVICE_MAX_AGE_S:
+            return str(data["d"])
+    except (KeyError, TypeError, ValueError):
+        pass
+    return ""
 
 
 def _verify(web: Web) -> dict[str, Any]:

@@ -612,3 +612,57 @@ def test_unknown_tokens_are_throttled_and_cannot_flood_the_audit_trail(env: dict
     assert after - before <= 2 * 20 + 1
     ok = TestClient(env["app"], headers={"Authorization": f"Bearer {good}"})
     assert ok.get("/api/v1/studies").status_code == 200
+
+
+def test_brute_force_neither_locks_out_the_real_user_nor_floods_the_audit_trail(env: dict[str, Any]) -> None:
+    """Issue 14, finding 5: five wrong passwords used to lock the admin out for 5 minutes and every failure
+    wrote two audit rows. Now an attacker's guesses are slowed (429 + Retry-After, the password not even
+    checked), the admin's own browser (device cookie from an earlier login) still logs in at once with
+    the right password, and the attack leaves a handful of audit rows plus one aggregated count."""
+    web = env["app"].state.web
+    admin = login(env, "admin")  # the admin's browser: it holds the device cookie from now on
+    assert admin.cookies.get("facesym_device")
+    before = len(records(env))
+    attacker = client(env)
+    codes = []
+    for k in range(60):
+        r = attacker.post("/login", data={"username": "admin", "password": f"guess {k}",
+                                          "csrf_token": csrf_of(attacker.get("/login").text)})
+        codes.append(r.status_code)
+    assert codes[:3] == [401, 401, 401] and codes.count(429) >= 50, codes
+    refused = attacker.post("/login", data={"username": "admin", "password": "guess x",
+                                            "csrf_token": csrf_of(attacker.get("/login").text)})
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    # The real admin, from the known browser, with the right password: in, during the attack.
+    r = admin.post("/login", data={"username": "admin", "password": PASSWORD,
+                                   "csrf_token": csrf_of(admin.get("/login").text), "next": "/"})
+    assert r.status_code == 303, r.text
+    # The right password from an unknown client waits like a guess (it could be the attacker).
+    stranger = client(env)
+    r = stranger.post("/login", data={"username": "admin", "password": PASSWORD,
+                                      "csrf_token": csrf_of(stranger.get("/login").text)})
+    assert r.status_code == 429
+    failures = [x for x in records(env)[before:] if x.event_id in ("110114", "110113") and x.outcome != 0]
+    assert len(failures) <= 2, [x.xml[:200] for x in failures]  # the first failure and its alert
+    from service.api.app import flush_login_summaries
+
+    flush_login_summaries(web, everything=True)
+    summary = [x for x in records(env)[before:] if "(aggregated)" in x.xml]
+    assert len(summary) == 1 and "failed 61 more time(s)" in summary[0].xml, [x.xml for x in summary]
+
+
+def test_login_delays_grow_and_are_capped() -> None:
+    from service.api.login_guard import FREE_FAILURES, MAX_DELAY_S, LoginGuard
+
+    now = [1000.0]
+    guard = LoginGuard(clock=lambda: now[0])
+    waits = []
+    for _ in range(FREE_FAILURES + 8):
+        waits.append(guard.wait_seconds("admin", "10.0.0.9", device=False))
+        guard.failed("admin", "10.0.0.9", device=False)
+    assert waits[: FREE_FAILURES] == [0.0] * FREE_FAILURES
+    assert waits[FREE_FAILURES:] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, MAX_DELAY_S, MAX_DELAY_S]
+    now[0] += MAX_DELAY_S  # waited: one more try
+    assert guard.wait_seconds("admin", "10.0.0.9", device=False) == 0.0
+    assert guard.wait_seconds("admin", "10.0.0.9", device=True) == 0.0  # the user's own browser
+    assert guard.wait_seconds("other", "10.0.0.9", device=False) == 0.0  # another user, same address
