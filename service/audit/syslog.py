@@ -1,8 +1,12 @@
 """Forward the audit trail to an audit record repository: RFC 5424 syslog over TLS (RFC 5425).
 
-Each record becomes one message ``<85>1 TIME HOST facesym PID DICOM+RFC3881 - BOM<AuditMessage…>``
-(facility 10 authpriv, severity 5 notice; no structured data; MSG = the XML in UTF-8 with its BOM),
-framed by octet counting (``LEN SP MSG``, RFC 5425 4.3).
+Each record becomes one message ``<85>1 TIME HOST facesym PID DICOM+RFC3881 [SD] BOM<AuditMessage…>``
+(facility 10 authpriv, severity 5 notice; MSG = the XML in UTF-8 with its BOM), framed by octet counting
+(``LEN SP MSG``, RFC 5425 4.3). The structured data element ``[facesym-audit@32473 seq="N" hwm="H"
+hash="…"]`` (RFC 5424 6.3; 32473 is RFC 5612's documentation enterprise number until FaceSym has its
+own) carries the record's number and chain hash and the high-water mark: the highest record number the
+audit anchor (``service/audit/anchor.py``) had seen. A repository thus holds, outside FaceSym's host,
+evidence of how long the trail was: a trail later cut below a forwarded ``hwm`` was truncated.
 
 :class:`SyslogForwarder` is a background thread: it sends records with ``forwarded == False`` in ``seq``
 order and marks them forwarded once the connection is still open ``confirm_seconds`` after writing them
@@ -53,9 +57,19 @@ def format_message(
     pri = FACILITY_AUTHPRIV * 8 + SEVERITY_NOTICE
     header = (
         f"<{pri}>1 {_field(rec.time, 64)} {_field(hostname, 255)} {_field(app_name, 48)} "
-        f"{_field(procid, 128)} {_field(msgid, 32)} {NILVALUE} "
+        f"{_field(procid, 128)} {_field(msgid, 32)} {structured_data(rec)} "
     )
     return header.encode("ascii") + (BOM if bom else b"") + rec.xml.encode("utf-8")
+
+
+#: SD-ID of FaceSym's element (RFC 5424 6.3.2: name@private-enterprise-number).
+SD_ID = "facesym-audit@32473"
+
+
+def structured_data(rec: PendingRecord) -> str:
+    """``[facesym-audit@32473 seq="N" hwm="H" hash="…"]`` (values are digits and hex: nothing to escape)."""
+    digest = "".join(ch for ch in rec.hash if ch in "0123456789abcdef")[:128]
+    return f'[{SD_ID} seq="{int(rec.seq)}" hwm="{max(int(rec.high_water), int(rec.seq))}" hash="{digest}"]'
 
 
 def frame(message: bytes) -> bytes:

@@ -79,6 +79,11 @@ class PendingRecord:
     time: str
     event_id: str
     xml: str
+    #: The record's chain hash, and the highest record number the audit anchor had seen when it was read
+    #: for sending (issue 14: every syslog copy carries the high-water mark, so a repository can tell a
+    #: trail cut short later).
+    hash: str = ""
+    high_water: int = 0
 
 
 class AuditTrail:
@@ -343,12 +348,14 @@ class AuditTrail:
         """Records not yet forwarded, in ``seq`` order (those with ``seq > after_seq``)."""
         with self.sessions() as s:
             rows = s.execute(
-                select(AuditRecord.seq, AuditRecord.time, AuditRecord.event_id, AuditRecord.xml)
+                select(AuditRecord.seq, AuditRecord.time, AuditRecord.event_id, AuditRecord.xml,
+                       AuditRecord.hash)
                 .where(AuditRecord.forwarded.is_(False), AuditRecord.seq > after_seq)
                 .order_by(AuditRecord.seq)
                 .limit(limit)
             ).all()
-        return [PendingRecord(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+        mark = max([self._anchored_seq(), *(int(r[0]) for r in rows)])
+        return [PendingRecord(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), mark) for r in rows]
 
     def mark_forwarded(self, seqs: list[int]) -> None:
         if not seqs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 from conftest import free_port, require_peer
 
 from service.audit import AuditTrail, SyslogForwarder, application_activity, instances_transferred
+from service.audit.anchor import AuditAnchor
 from service.store.db import open_database
 
 pytestmark = pytest.mark.peers
@@ -78,7 +80,7 @@ global(
   defaultNetstreamDriverKeyFile="{pki / 'server.key'}"
 )
 module(load="imtcp" StreamDriver.Name="{driver}" StreamDriver.Mode="1" StreamDriver.AuthMode="anon")
-template(name="audit" type="string" string="%app-name% %msgid% %procid% %msg%\\n")
+template(name="audit" type="string" string="%app-name% %msgid% %procid% %structured-data% %msg%\\n")
 ruleset(name="audit") {{
   action(type="omfile" file="{self.out}" template="audit")
 }}
@@ -162,10 +164,18 @@ def rsyslog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rsyslog]
         server.stop()
 
 
-def _xml_of(line: str) -> str:
-    app, msgid, _procid, msg = line.split(" ", 3)
+def _split(line: str) -> tuple[dict[str, str], str]:
+    """(FaceSym's structured-data parameters as rsyslog parsed them, the XML) of one received line."""
+    app, msgid, _procid, rest = line.split(" ", 3)
     assert (app, msgid) == ("facesym", "DICOM+RFC3881")
-    return msg.removeprefix(BOM)
+    sd, _, msg = rest.partition("] ")
+    assert sd.startswith("[facesym-audit@32473 "), sd
+    params = dict(re.findall(r'(\w+)="([^"]*)"', sd))
+    return params, msg.removeprefix(BOM)
+
+
+def _xml_of(line: str) -> str:
+    return _split(line)[1]
 
 
 def _in_order_once_each(lines: list[str], expected: list[str]) -> list[str]:
@@ -182,7 +192,7 @@ def _in_order_once_each(lines: list[str], expected: list[str]) -> list[str]:
 def test_records_reach_rsyslog_over_tls_including_those_written_while_it_was_down(
     rsyslog: Rsyslog, tmp_path: Path
 ) -> None:
-    trail = AuditTrail(open_database(f"sqlite:///{tmp_path / 'facesym.db'}"))
+    trail = AuditTrail(open_database(f"sqlite:///{tmp_path / 'facesym.db'}"), anchor=AuditAnchor(tmp_path))
     rsyslog.start()
     forwarder = SyslogForwarder(
         trail, "127.0.0.1", rsyslog.port, cafile=str(tmp_path / "pki" / "ca.pem"),
@@ -221,6 +231,14 @@ def test_records_reach_rsyslog_over_tls_including_those_written_while_it_was_dow
         assert _in_order_once_each(rsyslog.lines(), expected) == expected
         assert forwarder.flush(10)
         assert forwarder.connects >= 2
+        # Every copy carries its number, its chain hash and the anchor's high-water mark (issue 14): the
+        # repository knows, outside this host, how long the trail was when each record left.
+        by_seq = {r.seq: r.hash for r in records}
+        for line in rsyslog.lines():
+            params, _ = _split(line)
+            seq = int(params["seq"])
+            assert params["hash"] == by_seq[seq] and int(params["hwm"]) >= seq, params
+        assert max(int(_split(line)[0]["hwm"]) for line in rsyslog.lines()) == 10
     finally:
         forwarder.stop(timeout=2)
     assert trail.verify().ok

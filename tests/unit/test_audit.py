@@ -524,10 +524,11 @@ def test_export_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
 
 def test_rfc5424_message_and_rfc5425_frame() -> None:
     ev = application_activity("start")
-    rec = PendingRecord(1, "2024-05-01T10:00:00.000000+00:00", ev.event_id, ev.to_xml())
+    rec = PendingRecord(7, "2024-05-01T10:00:00.000000+00:00", ev.event_id, ev.to_xml(), "ab12" * 16, 9)
     msg = format_message(rec, hostname="host one", procid="123")
-    header, _, body = msg.partition(b" - ")
-    assert header == b"<85>1 2024-05-01T10:00:00.000000+00:00 hostone facesym 123 DICOM+RFC3881"
+    header, _, body = msg.partition(b"] ")
+    assert header == (b"<85>1 2024-05-01T10:00:00.000000+00:00 hostone facesym 123 DICOM+RFC3881 "
+                      b'[facesym-audit@32473 seq="7" hwm="9" hash="' + b"ab12" * 16 + b'"')
     assert body.startswith(b"\xef\xbb\xbf<AuditMessage")
     framed = frame(msg)
     length, _, rest = framed.partition(b" ")
