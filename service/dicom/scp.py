@@ -115,6 +115,14 @@ PRE_ASSOCIATION_TIMEOUT = 5.0
 #: Connections that have not yet sent a byte, in all and from one IP address: beyond them a new
 #: connection is closed at once (it never reaches pynetdicom, so it never takes an association slot).
 MAX_SILENT_CONNECTIONS, MAX_SILENT_PER_PEER = 64, 8
+#: Association places one IP address may not take: with ``max_associations`` = 10 one peer holds at most
+#: 8 at a time, so another modality always finds a place, whatever one sender (or attacker) does.
+RESERVED_FOR_OTHER_PEERS = 2
+
+
+def per_peer_limit(max_associations: int) -> int:
+    """Associations one IP address may hold at once: all but :data:`RESERVED_FOR_OTHER_PEERS` (≥ 1)."""
+    return max(1, max_associations - RESERVED_FOR_OTHER_PEERS)
 
 
 class FaceSymServer(ThreadedAssociationServer):
@@ -188,6 +196,14 @@ class FaceSymServer(ThreadedAssociationServer):
                 return
         peer = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
         if not self._first_bytes_arrive(request, peer):
+            self.shutdown_request(request)
+            return
+        limit = per_peer_limit(int(self.ae.maximum_associations))
+        held = sum(1 for a in self.ae.active_associations  # a released one may still be winding down
+                   if a.is_acceptor and a.requestor.address == peer and not (a.is_released or a.is_aborted))
+        if held >= limit:
+            log.warning("connection from %s closed: it holds %d associations already (at most %d an address)",
+                        peer, held, limit)
             self.shutdown_request(request)
             return
         super().process_request_thread(request, client_address)

@@ -442,3 +442,54 @@ def test_a_flood_from_one_peer_is_capped(start, monkeypatch):
     finally:
         for sock in held:
             sock.close()
+
+
+def test_dcmtk_modality_is_served_during_a_silent_socket_flood(start, phantom_video, monkeypatch):
+    """Issue 14, finding 1, with DCMTK as the modality: while twice max_associations raw sockets sit
+    silent, echoscu and storescu (the video) from an allowed AE succeed."""
+    echoscu, storescu = require_peer("echoscu"), require_peer("storescu")
+    monkeypatch.setattr(scp_module, "PRE_ASSOCIATION_TIMEOUT", 3.0)
+    scp = start(max_associations=3, allowed_calling_aes=("PACS",))
+    silent = [socket.create_connection(("127.0.0.1", scp.port), timeout=10) for _ in range(6)]
+    env = dict(os.environ, TCP_NODELAY="1")
+    try:
+        echo = subprocess.run([echoscu, "-aet", "PACS", "-aec", "FACESYM", "127.0.0.1", str(scp.port)],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert echo.returncode == 0, echo.stderr
+        command = [storescu, "-R", "-xn", "-aet", "PACS", "-aec", "FACESYM", "127.0.0.1", str(scp.port)]
+        store = subprocess.run([*command, str(phantom_video)], capture_output=True, text=True, timeout=120,
+                               env=env)
+        assert store.returncode == 0, store.stderr
+    finally:
+        for sock in silent:
+            sock.close()
+    assert scp.count(Instance) == 1
+
+
+def test_every_association_place_is_usable_and_one_address_cannot_take_them_all(start):
+    """Issue 14, finding 1: with max_associations = 4, one address holds at most 2 (per_peer_limit) and
+    its next connection is closed; two more from another address are accepted (4 in all, every place
+    usable); the 5th association, from a third address, is rejected by the global limit."""
+    scp = start(max_associations=4)
+    assert scp_module.per_peer_limit(4) == 2 and scp_module.per_peer_limit(10) == 8
+
+    def hold(source: str) -> Any:
+        ae = AE(ae_title="TESTSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(Verification, [ExplicitVRLittleEndian])
+        return ae.associate("127.0.0.1", scp.port, ae_title="FACESYM", bind_address=(source, 0))
+
+    held = [hold("127.0.0.1") for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        third = hold("127.0.0.1")
+        assert not third.is_established  # closed before negotiation: this address has its share
+        held += [hold("127.0.0.2") for _ in range(2)]
+        assert all(a.is_established for a in held), "a place of max_associations was not usable"
+        assert all(a.send_c_echo().Status == 0x0000 for a in held)
+        fifth = hold("127.0.0.3")
+        assert fifth.is_rejected  # pynetdicom's A-ASSOCIATE-RJ: the global limit
+    finally:
+        for a in held:
+            if a.is_established:
+                a.release()
