@@ -380,6 +380,60 @@ def phi_safe_warnings() -> None:
     warnings.showwarning = show
 
 
+class PhiSafeFormatter(logging.Formatter):
+    """Log lines as usual, tracebacks without third-party exception TEXT: the frames (file, line, function)
+    and the exception's type stay, for support; the message stays for FaceSym's own errors (worded by us)
+    and OSErrors (errno and strerror only), and is withheld for the rest, which quote the values they
+    choke on (a highdicom or pydicom ValueError names the patient). Chained exceptions alike."""
+
+    WITHHELD = "(message withheld: it may quote patient data)"
+
+    @classmethod
+    def message_of(cls, exc: BaseException) -> str:
+        if isinstance(exc, FaceSymError):
+            return str(exc)
+        if isinstance(exc, OSError):
+            return f"[Errno {exc.errno}] {exc.strerror}" if exc.errno is not None else cls.WITHHELD
+        return cls.WITHHELD
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        import traceback
+
+        chain: list[BaseException] = []
+        exc: BaseException | None = ei[1]
+        while exc is not None and all(exc is not e for e in chain):
+            chain.append(exc)
+            exc = exc.__cause__ or exc.__context__
+        lines: list[str] = []
+        for k, e in enumerate(reversed(chain)):
+            if k:
+                lines.append("The above exception led to the following one:")
+            lines.append("Traceback (most recent call last):")
+            lines += [f'  File "{fs.filename}", line {fs.lineno}, in {fs.name}'
+                      for fs in traceback.extract_tb(e.__traceback__)]
+            lines.append(f"{type(e).__module__}.{type(e).__qualname__}: {self.message_of(e)}")
+        return "\n".join(lines)
+
+
+def phi_safe_logging() -> None:
+    """Every handler of the root logger formats tracebacks with :class:`PhiSafeFormatter`, and uncaught
+    exceptions (main thread and other threads) are logged through it instead of Python's default printer,
+    which writes the exception's text to stderr."""
+    import sys
+    import threading
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(PhiSafeFormatter(LOG_FORMAT))
+
+    def uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        logging.getLogger("facesym").critical("uncaught exception", exc_info=(kind, value, tb))
+
+    sys.excepthook = uncaught
+    threading.excepthook = lambda a: uncaught(a.exc_type, a.exc_value or a.exc_type(), a.exc_traceback)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 #: Commands that create or change the data dir (database, received objects, reports, audit, keys).
 PATIENT_DATA_COMMANDS = ("serve", "worker", "db", "purge", "audit", "user", "report", "demo")
 
@@ -669,10 +723,10 @@ def _quiet_pydicom() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format=LOG_FORMAT)
     _quiet_pydicom()
     phi_safe_warnings()
+    phi_safe_logging()
     if args.command in PATIENT_DATA_COMMANDS:
         private_files()
     handlers = {
