@@ -507,14 +507,14 @@ def _run_until_signalled(service: FaceSymService) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from service.audit.commands import _missing_sqlite_file
+    from service.audit.commands import missing_sqlite_file
     from service.config import load_settings
     from service.store.db import make_engine
     from service.store.schema import BASELINE, current_revision, head_revision, upgrade
 
     settings = load_settings(args.config)
     url = settings.effective_database_url
-    missing = _missing_sqlite_file(url)
+    missing = missing_sqlite_file(url)
     if missing is not None and args.db_command == "current":  # a look creates nothing
         print(f"none (no database at {missing}; newest is {head_revision()})")
         return 1
@@ -635,7 +635,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
     from service.audit import AuditTrail
     from service.audit.anchor import AuditAnchor
-    from service.audit.commands import _missing_sqlite_file
+    from service.audit.commands import missing_sqlite_file
     from service.config import load_settings
     from service.store.db import open_database
     from service.store.files import FileStore
@@ -646,7 +646,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "unknown"
-    missing = _missing_sqlite_file(settings.effective_database_url)
+    missing = missing_sqlite_file(settings.effective_database_url)
     if missing is not None:  # nothing was ever stored: do not create a database to find that out
         _console().print(f"no database at {missing}: nothing to purge")
         return EXIT_OK

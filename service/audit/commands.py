@@ -14,7 +14,7 @@ from service.audit.trail import AuditTrail
 EXIT_OK, EXIT_BROKEN, EXIT_USAGE = 0, 1, 2
 
 
-def _missing_sqlite_file(url: str) -> Path | None:
+def missing_sqlite_file(url: str) -> Path | None:
     """The database file of a SQLite URL when it does not exist (then the trail is empty)."""
     prefix = "sqlite:///"
     if not url.startswith(prefix) or ":memory:" in url:
@@ -28,7 +28,7 @@ def open_trail(settings: Any) -> AuditTrail | None:
     from service.store.db import open_database
 
     url = settings.effective_database_url
-    if _missing_sqlite_file(url) is not None:
+    if missing_sqlite_file(url) is not None:
         return None
     return AuditTrail(open_database(url), resolve_patients=False, anchor=AuditAnchor(settings.data_dir))
 
@@ -40,7 +40,7 @@ def verify_command(settings: Any, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     trail = open_trail(settings)
     if trail is None:
-        missing = _missing_sqlite_file(settings.effective_database_url)
+        missing = missing_sqlite_file(settings.effective_database_url)
         print(f"BROKEN: no audit database at {missing} (wrong --config or FACESYM_DATA_DIR, or the database "
               "was removed): nothing could be verified", file=out)
         return EXIT_BROKEN
@@ -80,7 +80,7 @@ def export_command(
         return EXIT_USAGE
     trail = open_trail(settings)
     if trail is None:
-        print(f"note: no audit database at {_missing_sqlite_file(settings.effective_database_url)}: "
+        print(f"note: no audit database at {missing_sqlite_file(settings.effective_database_url)}: "
               "no records", file=sys.stderr)
         lines: Any = iter(['<?xml version="1.0" encoding="UTF-8"?>', "<AuditMessages>", "</AuditMessages>"]
                           if fmt == "xml" else [])
