@@ -117,7 +117,8 @@ def content_digest(headers: Sequence[pydicom.Dataset], *parts: object) -> str:
             try:
                 value = header.get(keyword)
             except Exception:  # noqa: BLE001 - a malformed value still identifies the content by its bytes
-                value = header[keyword].value if keyword in header else None
+                raw = header.get_item(keyword)
+                value = None if raw is None else bytes(getattr(raw, "value", b"") or b"")
             h.update(f"{keyword}={'' if value is None else value}\x1f".encode("utf-8", "replace"))
     for part in parts:
         h.update(repr(part).encode("utf-8", "replace") + b"\x1e")

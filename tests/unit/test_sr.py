@@ -407,3 +407,21 @@ def test_changed_content_gets_a_new_sr_uid_that_names_its_predecessor(study: dic
     assert build_report(evidence, other, engine_version=ENGINE).SOPInstanceUID != first.SOPInstanceUID
     same = build_report(evidence, findings, engine_version=ENGINE, replaces=first)
     assert "PredecessorDocumentsSequence" not in same
+
+
+def test_content_digest_reads_a_malformed_header_by_its_bytes() -> None:
+    """A hostile source (an unknown VR in PatientID, as the C-STORE fuzzer sends) neither stops the report
+    nor hides a change: its raw bytes go into the digest."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from service.report.sr import content_digest
+
+    def header(value: bytes) -> Dataset:
+        ds = Dataset()
+        ds.SOPInstanceUID = "1.2.3"
+        ds._dict[Tag(0x00100020)] = RawDataElement(Tag(0x00100020), "XX", len(value), value, 0, True, True)
+        return ds
+
+    assert content_digest([header(b"ABCD")]) == content_digest([header(b"ABCD")])
+    assert content_digest([header(b"ABCD")]) != content_digest([header(b"ABCE")])
