@@ -158,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _console() -> Console:
-    # Pipes and CI logs get a fixed width wide enough for the result table (rich assumes 80 columns).
-    return Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 120)
+def _console(stderr: bool = False) -> Console:
+    """Where messages go: stdout, or stderr when stdout carries machine-readable output (``--json -``).
+    Pipes and CI logs get a fixed width wide enough for the result table (rich assumes 80 columns)."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 120)
 
 
 def result_table(doc: dict[str, Any]) -> Table:
@@ -242,7 +244,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from service.config import load_settings
     from service.report.head_motion import head_motion_of, head_motion_text, not_corrected_text
 
-    console = _console()
+    console = _console(stderr=args.json == "-")  # with --json -, stdout carries the JSON and nothing else
     settings = load_settings()  # FACESYM_* environment variables: decode limits and engine settings
     try:
         doc = analyze_path(args.path, args.path2, args.task, args.mirrored, show_progress=sys.stderr.isatty(),
@@ -735,20 +737,21 @@ def main(argv: list[str] | None = None) -> int:
         "purge": cmd_purge,
         "user": cmd_user, "worker": cmd_worker, "db": cmd_db,
     }
+    said = _console(stderr=getattr(args, "json", None) == "-")
     try:
         return handlers[args.command](args)
     # Messages quote input (file names, decoder text): printed as text, never as rich markup.
     except UnreadableInputError as exc:
-        _console().print(f"[bold red]unreadable input:[/] {escape(str(exc))}")
+        said.print(f"[bold red]unreadable input:[/] {escape(str(exc))}")
         return EXIT_UNREADABLE
     except NotAnalysableError as exc:
-        _console().print(f"[bold red]not analysable:[/] {escape(str(exc))}")
+        said.print(f"[bold red]not analysable:[/] {escape(str(exc))}")
         return EXIT_NOT_ANALYSABLE
     except FaceSymError as exc:
-        _console().print(f"[bold red]error:[/] {escape(str(exc))}")
+        said.print(f"[bold red]error:[/] {escape(str(exc))}")
         return exc.exit_code
     except TimeoutError as exc:
-        _console().print(f"[bold red]timed out:[/] {escape(str(exc))}")
+        said.print(f"[bold red]timed out:[/] {escape(str(exc))}")
         return 1
 
 
