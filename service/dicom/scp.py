@@ -19,6 +19,7 @@ Logs carry AE titles, addresses and UIDs only, never patient names, IDs or birth
 
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import socket
@@ -47,6 +48,7 @@ from sqlalchemy.orm import sessionmaker
 from service.audit import AuditTrail, security_alert
 from service.config import Settings
 from service.dicom import status
+from service.errors import InvalidParameterError
 from service.store.files import FileStore
 from service.store.ingest import IngestResult, ingest
 from service.tls import server_context
@@ -253,8 +255,9 @@ def start_scp(
     TLS, on ``settings.dicom_tls_port`` (a port of 0 is off).
 
     Returns the running server (the plain one when both run; the TLS one is its companion and stops with
-    it); stop it with :func:`stop` (or ``server.shutdown()``). Raises InvalidParameterError for unusable
-    TLS certificate, key or CA files, before anything listens.
+    it); stop it with :func:`stop` (or ``server.shutdown()``). Raises InvalidParameterError for a port
+    that cannot be opened (in use: the message names the port and its setting) and for unusable TLS
+    certificate, key or CA files, before anything listens.
     """
     tls = None
     if settings.dicom_tls_port:
@@ -273,9 +276,17 @@ def start_scp(
     ]
     servers: list[FaceSymServer] = []
     try:
-        for port, context in ((settings.dicom_port, None), (settings.dicom_tls_port, tls)):
+        for port, context, name in ((settings.dicom_port, None, "dicom_port"),
+                                    (settings.dicom_tls_port, tls, "dicom_tls_port")):
             if port:
-                servers.append(_serve(ae, (settings.dicom_host, port), handlers, context, ctx))
+                try:
+                    servers.append(_serve(ae, (settings.dicom_host, port), handlers, context, ctx))
+                except OSError as exc:  # in use, no permission (< 1024), an address not on this host
+                    raise InvalidParameterError(
+                        f"port {port} ({name}) on {settings.dicom_host} cannot be opened: {exc.strerror}"
+                        + (" (another program, or another facesym serve, is listening there: stop it or "
+                           f"choose another {name})" if exc.errno == errno.EADDRINUSE else "")
+                    ) from None
     except BaseException:
         for server in servers:
             server.shutdown()

@@ -12,6 +12,7 @@ forwarder) on any machines sharing the database and the file store analyse and d
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -117,7 +118,20 @@ class FaceSymService:
             from service.api import ServiceHooks, start_web
 
             hooks = ServiceHooks(engine_version=ENGINE_VERSION)
-            self._web = start_web(self.settings, self.sessions, self.audit, hooks)
+            try:
+                self._web = start_web(self.settings, self.sessions, self.audit, hooks)
+            except OSError as exc:  # the port is taken (or not ours): say which, with nothing left running
+                from service.dicom.scp import stop as stop_scp
+                from service.errors import InvalidParameterError
+
+                stop_scp(self._scp)
+                self._scp = None
+                host, port = getattr(self.settings, "web_host", "127.0.0.1"), self.settings.web_port
+                raise InvalidParameterError(
+                    f"port {port} (web_port) on {host} cannot be opened: {exc.strerror}"
+                    + (" (another program, or another facesym serve, is listening there: stop it or choose "
+                       "another web_port, or 0 for no console)" if exc.errno == errno.EADDRINUSE else "")
+                ) from None
         log.info("FaceSym %s listening as %s on %s:%d; destinations: %s%s", ENGINE_VERSION,
                  self.settings.ae_title, self.settings.dicom_host, self.settings.dicom_port,
                  ", ".join(map(str, self.settings.destinations)) or "none",

@@ -30,3 +30,34 @@ def test_an_unreadable_file_with_json_to_stdout_prints_nothing_there(tmp_path: P
     run = _analyze(str(junk), "--json", "-")
     assert run.returncode == 2 and run.stdout == "", (run.stdout, run.stderr)
     assert "unreadable input:" in run.stderr
+
+
+def _serve_with_taken(setting: str, tmp_path: Path) -> tuple[int, subprocess.CompletedProcess[str]]:
+    import os
+    import socket
+
+    from conftest import free_port
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    ports = {"FACESYM_DICOM_PORT": str(free_port()), "FACESYM_WEB_PORT": str(free_port())}
+    ports[f"FACESYM_{setting.upper()}"] = str(port)
+    env = dict(os.environ, FACESYM_DATA_DIR=str(tmp_path / "var"), **ports)
+    try:
+        run = subprocess.run([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        taken.close()
+    return port, run
+
+
+def test_serve_on_a_port_in_use_says_which_port_and_setting(tmp_path: Path) -> None:
+    """Issue 15: "a port in use is a raw traceback that does not say which port"."""
+    for setting in ("dicom_port", "web_port"):
+        port, run = _serve_with_taken(setting, tmp_path / setting)
+        said = " ".join((run.stdout + run.stderr).split())
+        assert run.returncode == 1, said
+        assert f"port {port} ({setting}) on 127.0.0.1 cannot be opened: Address already in use" in said, said
+        assert f"choose another {setting}" in said and "Traceback" not in said, said
