@@ -118,3 +118,40 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     width = max(len(f"{g} / {n}") for g, n, _ in _FIGURES)
     for group, name, value in _FIGURES:
         terminalreporter.write_line(f"{group + ' / ' + name:<{width}}  {value}")
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
+    """``predicate()``'s first truthy value, polled every ``interval`` s; fails the test after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def phantom_smile_dicom(
+    folder: Path, attributes: dict[str, Any] | None = None, **header: Any
+) -> tuple[str, Path]:
+    """The demo face's smile with the patient's left weak (L 0.05, R 0.25 D) as a DICOM Video Photographic
+    object (H.264) in its own study, written to ``folder/smile.dcm``: (Study Instance UID, path).
+    ``header``: more keyword arguments of ``build_video_photographic`` (series_description "Smile"
+    unless given), e.g. patient_name, patient_id, study_description; ``attributes``: DICOM keywords set
+    on the dataset before it is written (e.g. PatientBirthDate)."""
+    from service import phantom
+    from service.domain import Task
+    from service.media.dicom_io import build_video_photographic, write_dicom
+    from service.media.encode import encode_mp4
+
+    face = phantom.load_face(REPO / "service/phantom/data/demo_face.jpg")
+    clip = phantom.render(face, phantom.PhantomSpec(motions=(phantom.TaskMotion(Task.SMILE, 0.05, 0.25),)))
+    ds = build_video_photographic(
+        encode_mp4(clip.frames(), clip.fps), width=clip.width, height=clip.height, n_frames=clip.n_frames,
+        fps=clip.fps, **{"series_description": "Smile", **header},
+    )
+    for keyword, value in (attributes or {}).items():
+        setattr(ds, keyword, value)
+    return str(ds.StudyInstanceUID), write_dicom(ds, folder / "smile.dcm")

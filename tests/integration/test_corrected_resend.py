@@ -9,48 +9,20 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port, require_peer, require_private_netns
+from conftest import free_port, phantom_smile_dicom, require_peer, require_private_netns, wait_until
 
 from service.config import Destination, Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _exam(folder: Path) -> Path:
-    from service import phantom
-    from service.domain import Task
-    from service.media.dicom_io import build_video_photographic, write_dicom
-    from service.media.encode import encode_mp4
-
-    face = phantom.load_face(ROOT / "service/phantom/data/demo_face.jpg")
-    clip = phantom.render(face, phantom.PhantomSpec(motions=(phantom.TaskMotion(Task.SMILE, 0.05, 0.25),)))
-    ds = build_video_photographic(
-        encode_mp4(clip.frames(), clip.fps), width=clip.width, height=clip.height, n_frames=clip.n_frames,
-        fps=clip.fps, series_description="Smile", patient_name="DOE^JANE", patient_id="PID-77",
-        study_description="Facial palsy pre-op",
-    )
-    return write_dicom(ds, folder / "smile.dcm")
 
 
 def _srs(folder: Path) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name.startswith("SR")]
-
-
-def _wait(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_corrected_resend_gets_a_new_sr_that_supersedes_the_first(tmp_path: Path) -> None:
@@ -59,7 +31,8 @@ def test_corrected_resend_gets_a_new_sr_that_supersedes_the_first(tmp_path: Path
     require_private_netns("DCMTK storescp")
     from service.jobs.scheduler import FaceSymService
 
-    first = _exam(tmp_path)
+    _, first = phantom_smile_dicom(tmp_path, patient_name="DOE^JANE", patient_id="PID-77",
+                                   study_description="Facial palsy pre-op")
     corrected_dir = tmp_path / "corrected"
     corrected_dir.mkdir()
     ds = pydicom.dcmread(first)
@@ -84,7 +57,7 @@ def test_corrected_resend_gets_a_new_sr_that_supersedes_the_first(tmp_path: Path
             command.append(str(path))
             run = subprocess.run(command, env=env, capture_output=True, text=True)
             assert run.returncode == 0, run.stderr
-            _wait(lambda n=expected: len(_srs(recv)) >= n, 240, f"SR number {expected} at storescp")
+            wait_until(lambda n=expected: len(_srs(recv)) >= n, 240, f"SR number {expected} at storescp")
     finally:
         service.stop()
         scp.terminate()

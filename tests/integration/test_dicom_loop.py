@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import free_port, require_peer, require_private_netns
+from conftest import free_port, phantom_smile_dicom, require_peer, require_private_netns, wait_until
 
 from service.config import Destination, Settings
 from service.demo import Receiver, send
@@ -30,32 +30,12 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def exam(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """One phantom DICOM video (smile, left weak) in its own study."""
-    from service import phantom
-    from service.media.dicom_io import build_video_photographic, write_dicom
-    from service.media.encode import encode_mp4
-
-    face = phantom.load_face(ROOT / "service/phantom/data/demo_face.jpg")
-    clip = phantom.render(face, phantom.PhantomSpec(motions=(phantom.TaskMotion(Task.SMILE, 0.05, 0.25),)))
-    ds = build_video_photographic(encode_mp4(clip.frames(), clip.fps), width=clip.width, height=clip.height,
-                                  n_frames=clip.n_frames, fps=clip.fps, series_description="Smile")
-    path = tmp_path_factory.mktemp("exam") / "smile.dcm"
-    write_dicom(ds, path)
-    return str(ds.StudyInstanceUID), path
+    return phantom_smile_dicom(tmp_path_factory.mktemp("exam"))
 
 
 def _settings(tmp: Path, dest: Destination) -> Settings:
     return replace(Settings(), web_port=0, data_dir=tmp / "var", dicom_port=free_port(), quiet_seconds=1.0,
                    poll_seconds=0.2, destinations=(dest,), retry_base_seconds=0.5, retry_max_seconds=2.0)
-
-
-def _wait(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_study_in_sr_out_same_numbers_as_cli(exam: tuple[str, Path], tmp_path: Path) -> None:
@@ -136,7 +116,7 @@ def test_destination_down_delays_but_never_loses(exam: tuple[str, Path], tmp_pat
                 row = con.execute("select max(attempts) from delivery where state='PENDING'").fetchone()
             return int(row[0] or 0)
 
-        _wait(lambda: failed_attempts() >= 2, 180, "two failed delivery attempts")
+        wait_until(lambda: failed_attempts() >= 2, 180, "two failed delivery attempts")
         receiver = Receiver(port)  # the destination comes back
         try:
             assert receiver.wait_for(study_uid, 60) is not None
@@ -180,16 +160,17 @@ def test_sigkill_then_restart_delivers_exactly_one_sr(
     try:
         from service.demo import facesym_answers
 
-        _wait(lambda: facesym_answers("127.0.0.1", port, "FACESYM"), 60, "facesym serve to answer C-ECHO")
+        wait_until(lambda: facesym_answers("127.0.0.1", port, "FACESYM"), 60,
+                   "facesym serve to answer C-ECHO")
         send([path], "127.0.0.1", port, "FACESYM")
-        _wait(lambda: _job_state(tmp_path) == kill_in, 60, f"job {kill_in}")
+        wait_until(lambda: _job_state(tmp_path) == kill_in, 60, f"job {kill_in}")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         assert _job_state(tmp_path) == kill_in  # killed mid-way, nothing delivered yet
         assert receiver.received == []
         proc = _serve(tmp_path, port, dest)
         assert receiver.wait_for(study_uid, 180) is not None, (tmp_path / "serve.log").read_text()[-2000:]
-        _wait(lambda: _job_state(tmp_path) == "DELIVERED", 30, "job DELIVERED")
+        wait_until(lambda: _job_state(tmp_path) == "DELIVERED", 30, "job DELIVERED")
         time.sleep(2)
         assert len({ds.SOPInstanceUID for ds in receiver.reports}) == 1
     finally:
@@ -221,7 +202,7 @@ def test_dcmtk_storescu_to_facesym_to_storescp(exam: tuple[str, Path], tmp_path:
         run = subprocess.run(command, env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         # storescp writes as it receives: the file is whole once FaceSym got the C-STORE response.
-        _wait(lambda: _job_state(tmp_path) == "DELIVERED", 180, "the SR delivered to storescp")
+        wait_until(lambda: _job_state(tmp_path) == "DELIVERED", 180, "the SR delivered to storescp")
         # storescp names files by modality: SR…, SC… (key images), PDF… (the report).
         (sr_file,) = [p for p in recv_dir.iterdir() if p.is_file() and p.name.startswith("SR")]
         assert len([p for p in recv_dir.iterdir() if p.name.startswith("SC")]) == 3

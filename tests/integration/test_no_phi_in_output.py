@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, phantom_smile_dicom
 
 from service.demo import Receiver, send
 
@@ -23,25 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 NAME, PATIENT_ID, BIRTH = "Zyxwvutsrqpon", "PIDQ8X7Z3", "19451231"
 
 
-def _exam(folder: Path) -> tuple[str, Path]:
-    from service import phantom
-    from service.domain import Task
-    from service.media.dicom_io import build_video_photographic, write_dicom
-    from service.media.encode import encode_mp4
-
-    face = phantom.load_face(ROOT / "service/phantom/data/demo_face.jpg")
-    clip = phantom.render(face, phantom.PhantomSpec(motions=(phantom.TaskMotion(Task.SMILE, 0.05, 0.25),)))
-    ds = build_video_photographic(
-        encode_mp4(clip.frames(), clip.fps), width=clip.width, height=clip.height, n_frames=clip.n_frames,
-        fps=clip.fps, series_description="Smile", patient_name=NAME, patient_id=PATIENT_ID,
-    )
-    ds.PatientBirthDate = BIRTH
-    return str(ds.StudyInstanceUID), write_dicom(ds, folder / "smile.dcm")
-
-
 @pytest.mark.parametrize("level", ["INFO", "DEBUG"])
 def test_serve_writes_no_patient_data_to_stdout_or_stderr(tmp_path: Path, level: str) -> None:
-    study_uid, path = _exam(tmp_path)
+    study_uid, path = phantom_smile_dicom(tmp_path, {"PatientBirthDate": BIRTH}, patient_name=NAME,
+                                          patient_id=PATIENT_ID)
     receiver = Receiver(0)
     port = free_port()
     out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from conftest import free_port, require_peer, require_private_netns
+from conftest import free_port, phantom_smile_dicom, require_peer, require_private_netns
 from ohif_viewer import ViewerServer, ohif_dist
 from orthanc_peer import OrthancPeer
 from PIL import Image
@@ -44,22 +44,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--ena
                  "--no-first-run"]
 
 
-def _exam(folder: Path) -> tuple[str, Path]:
-    """A phantom smile, the patient's left weak, as a DICOM video: (study UID, path)."""
-    from service import phantom
-    from service.domain import Task
-    from service.media.dicom_io import build_video_photographic, write_dicom
-    from service.media.encode import encode_mp4
-
-    face = phantom.load_face(ROOT / "service/phantom/data/demo_face.jpg")
-    clip = phantom.render(face, phantom.PhantomSpec(motions=(phantom.TaskMotion(Task.SMILE, 0.05, 0.25),)))
-    ds = build_video_photographic(
-        encode_mp4(clip.frames(), clip.fps), width=clip.width, height=clip.height, n_frames=clip.n_frames,
-        fps=clip.fps, series_description="Smile", study_description="Facial palsy follow-up",
-    )
-    return str(ds.StudyInstanceUID), write_dicom(ds, folder / "smile.dcm")
-
-
 def _save(page: Any, name: str, tmp: Path) -> None:
     page.screenshot(path=str(tmp / name))
     if os.environ.get("FACESYM_SCREENSHOTS") == "1":
@@ -74,7 +58,7 @@ def test_ohif_shows_the_sr_drawn_on_the_key_image(tmp_path: Path) -> None:
 
     from service.jobs.scheduler import FaceSymService
 
-    study_uid, path = _exam(tmp_path)
+    study_uid, path = phantom_smile_dicom(tmp_path, study_description="Facial palsy follow-up")
     port = free_port()
     with OrthancPeer(dicomweb=True) as orthanc:
         settings = replace(
