@@ -607,13 +607,14 @@ def build_report(
     regions = {(r.source_sop_instance_uid, r.task): r for r in key_images}
     for k, finding in enumerate(findings):
         groups += _groups(finding, algorithm, f"findings[{k}]", regions)
-    planar = []
+    planar, drawn_on = [], []
     for k, finding in enumerate(findings):
         for j, task in enumerate(finding.analysis.tasks if finding.analysis.quality.ok else ()):
             r = regions.get((finding.sop_instance_uid, task.task))
             if r is not None:
                 planar += planar_groups(r, task, algorithm, _tracking, _number, f"findings[{k}].tasks[{j}]")
-    images = region_images([r for r in key_images if r in regions.values()])
+                drawn_on.append(r)
+    images = region_images(drawn_on)
 
     device = DeviceObserverIdentifyingAttributes(
         uid=_hash_uid("facesym-device-observer", MODEL_NAME),
@@ -633,7 +634,7 @@ def build_report(
     )
     since = comparison_text((f.analysis for f in findings), comparison)
     _add_impression(report, impression(findings) + since)
-    drawn = [(r.source_sop_instance_uid, r.task, str(r.image.SOPInstanceUID)) for r in key_images]
+    drawn = [(r.source_sop_instance_uid, r.task, str(r.image.SOPInstanceUID)) for r in drawn_on]
     content = content_digest(evidence, [f.analysis for f in findings], since, drawn)
     series_uid, sop_uid = report_uids((str(ds.SOPInstanceUID) for ds in evidence), engine_version, content)
     superseded = replaces is not None and str(replaces.SOPInstanceUID) != sop_uid

@@ -20,7 +20,7 @@ the source instance, the task, the side and the kind, like the TID 1501 groups' 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from highdicom.sr import (
     PlanarROIMeasurementsAndQualitativeEvaluations,
     RelationshipTypeValues,
     SourceImageForRegion,
+    TrackingIdentifier,
 )
 
 from service.domain import Side, Task, TaskResult
@@ -72,15 +73,19 @@ class KeyImageRegions:
     marks: Mapping[tuple[Side, str], np.ndarray]
 
 
-def _polyline(points: np.ndarray, image: pydicom.Dataset, where: str) -> ImageRegion:
+def _in_image(points: np.ndarray, image: pydicom.Dataset, where: str) -> np.ndarray:
+    """(N ≥ 2, 2) finite (column, row) coordinates, clipped to ``image``'s pixel matrix."""
     pts = np.asarray(points, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 2 or not np.isfinite(pts).all():
         raise InvalidParameterError(f"{where} must be (N >= 2, 2) finite coordinates, got shape {pts.shape}")
     rows, cols = int(image.Rows), int(image.Columns)
-    pts = np.column_stack([np.clip(pts[:, 0], 0.0, cols), np.clip(pts[:, 1], 0.0, rows)])
+    return np.column_stack([np.clip(pts[:, 0], 0.0, cols), np.clip(pts[:, 1], 0.0, rows)])
+
+
+def _polyline(points: np.ndarray, image: pydicom.Dataset, where: str) -> ImageRegion:
     return ImageRegion(
         graphic_type=GraphicTypeValues.POLYLINE,
-        graphic_data=pts,
+        graphic_data=_in_image(points, image, where),
         source_image=SourceImageForRegion.from_source_image(image),
     )
 
@@ -92,10 +97,9 @@ def peak_coordinates(regions: KeyImageRegions, side: Side, where: str) -> Coordi
     key = (side, "peak")
     if key not in regions.marks:
         raise InvalidParameterError(f"{where}.marks has no {side.value} peak")
-    region = _polyline(regions.marks[key], regions.image, f"{where}.marks[{side.value}/peak]")
     return CoordinatesForMeasurement(
         graphic_type=GraphicTypeValues.POLYLINE,
-        graphic_data=np.asarray(region.value, dtype=np.float64).reshape(-1, 2),
+        graphic_data=_in_image(regions.marks[key], regions.image, f"{where}.marks[{side.value}/peak]"),
         source_image=SourceImageForRegion.from_source_image(regions.image),
     )
 
@@ -108,8 +112,8 @@ def planar_groups(
     regions: KeyImageRegions,
     task: TaskResult,
     algorithm: AlgorithmIdentification,
-    tracking: Any,
-    number: Any,
+    tracking: Callable[[str, str, str], TrackingIdentifier],
+    number: Callable[[str, float], float],
     where: str,
 ) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
     """The TID 1410 groups of one task (module docstring). ``tracking(uid, role, label)`` and
