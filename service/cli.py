@@ -6,6 +6,7 @@ Exit codes (analyze): 0 analysed, 2 unreadable input, 3 not analysable (QC reaso
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -42,28 +43,97 @@ def _parse_task(value: str) -> Task | None:
         ) from None
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default where it has a real one (not None, False or an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" not in text and default not in (None, False, [], "", argparse.SUPPRESS)
+                and action.option_strings and not isinstance(action, argparse._VersionAction)):
+            text = (text + " " if text else "") + "(default: %(default)s)"
+        return text
+
+
+#: "Given, but without a value": in a batch, that output goes to RESULTS_DIR for every input.
+PER_INPUT = "<per input>"
+
+ANALYZE_DESCRIPTION = """\
+Analyse a clip (smile, eye closure, brow raise), a rest + expression photo pair, or one rest photo; or,
+with --out, a batch: every video, photo and DICOM object in the folders and glob patterns given.
+
+examples:
+  facesym analyze smile.mp4                       table of scores on the terminal
+  facesym analyze smile.mp4 --json - | jq .      only JSON on stdout (messages on stderr)
+  facesym analyze smile.mp4 --frames-csv f.csv --annotated a.mp4 --figures figs/
+  facesym analyze rest.jpg smile.jpg --task smile
+  facesym analyze clips/ 'visit2/*.mp4' --out results/ --jobs 2 --frames-csv
+      results/NAME.json per input and results/summary.csv; run again: finished inputs are skipped
+
+exit status: 0 analysed, 2 unreadable input, 3 not analysable (QC reasons printed); a batch: 0 when every
+input was analysed, 3 when any was not analysable or unreadable (summary.csv says which and why).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="facesym", description="Facial-palsy analysis (smile, eye closure, brow raise)."
+        prog="facesym", description="Facial-palsy analysis (smile, eye closure, brow raise).",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"facesym {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-    sub = p.add_subparsers(dest="command", required=True)
+    # The same flag after the subcommand (SUPPRESS: absent there, the top-level value stands).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    a = sub.add_parser("analyze", help="analyse a clip, a rest + expression photo pair, or one rest photo")
-    a.add_argument("path", help="video (mp4/mov/avi...), DICOM object or photo; with PATH2 the rest photo")
-    a.add_argument("path2", nargs="?", help="expression photo (when PATH is the rest photo)")
+    def command(
+        parent: Any, name: str, help_text: str, description: str | None = None
+    ) -> argparse.ArgumentParser:
+        """A subcommand with a description (its help as a sentence unless given), defaults shown, and the
+        global flags (-v) accepted after it too."""
+        about = description or help_text[:1].upper() + help_text[1:] + "."
+        made: argparse.ArgumentParser = parent.add_parser(
+            name, help=help_text, description=about, parents=[common], formatter_class=_HelpFormatter)
+        return made
+
+    a = command(sub, "analyze", "analyse a clip, a photo pair, one rest photo, or a batch (--out)",
+                ANALYZE_DESCRIPTION)
+    a.add_argument("paths", nargs="+", metavar="PATH",
+                   help="video (mp4/mov/avi...), DICOM object or photo; PATH PATH2: rest and expression "
+                   "photo; "
+                   "with --out: files, folders (searched recursively) and glob patterns")
     a.add_argument("--task", type=_parse_task, default=None, metavar="auto|smile|eye_closure|brow_raise",
                    help="task shown (default auto: find the tasks in the clip)")
-    a.add_argument("--json", metavar="FILE", help="write the result as JSON (- for stdout)")
+    a.add_argument("--json", metavar="FILE", help="write the result as JSON (- for stdout: only JSON there)")
     a.add_argument("--mirrored", action="store_true", help="input is mirrored (selfie camera)")
+    a.add_argument("--config", help="TOML settings file: decode limits, engine settings (FACESYM_* "
+                   "environment "
+                   "variables override it)")
+    a.add_argument("--out", metavar="RESULTS_DIR", type=Path,
+                   help="batch: one JSON per input and summary.csv (one row per input and task) in "
+                   "RESULTS_DIR")
+    a.add_argument("--jobs", type=int, default=1, metavar="N", help="batch: inputs analysed in parallel")
+    a.add_argument("--redo", action="store_true",
+                   help="batch: analyse again inputs whose results are already in RESULTS_DIR")
+    a.add_argument("--frames-csv", nargs="?", const=PER_INPUT, metavar="FILE",
+                   help="per-frame CSV: time, QC, head pose, per-side signals, 478 landmarks (README, "
+                   "'Research outputs'); in a batch without FILE: RESULTS_DIR/NAME.frames.csv")
+    a.add_argument("--annotated", nargs="?", const=PER_INPUT, metavar="OUT.mp4",
+                   help="the clip with landmark groups, rest→current arrows, L/R, per-side bars and the "
+                   "phase drawn (H.264); in a batch without a file: RESULTS_DIR/NAME.annotated.mp4")
+    a.add_argument("--figures", nargs="?", const=PER_INPUT, metavar="DIR",
+                   help="key images, flow overlays and motion plots as PNG (those sent to the PACS); in a "
+                   "batch without DIR: RESULTS_DIR/figures/")
+    a.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     a.add_argument("--fhir", metavar="FILE",
                    help="DICOM input only: also write the FHIR R4 transaction Bundle FaceSym would send "
                    "for it (identity from the DICOM header)")
     a.add_argument("--patient-system", metavar="URI", help="identifier system of the Patient ID for --fhir "
-                   "(default: FACESYM_FHIR_PATIENT_IDENTIFIER_SYSTEM, else IssuerOfPatientID if a URI/OID)")
+                   "(default: fhir_patient_identifier_system setting, else IssuerOfPatientID if a URI/OID)")
 
-    ph = sub.add_parser("phantom", help="synthesise a clip with known per-side motion (for validation)")
+    ph = command(sub, "phantom", "synthesise a clip with known per-side motion (for validation)")
     ph.add_argument("out", help="output file (.mp4 or .dcm); the ground truth JSON goes beside it")
     ph.add_argument("--face", help="real face photo to warp (default: the bundled demo face)")
     for task in Task:
@@ -83,63 +153,63 @@ def build_parser() -> argparse.ArgumentParser:
         ph.add_argument(f"--{axis}", type=float, default=0.0, metavar="AMPLITUDE",
                         help=f"head motion laid over the clip: peak {axis} ({unit}), a sinusoid (default 0)")
 
-    sv = sub.add_parser("serve", help="run the DICOM service: storage SCP, scheduler and workers")
+    sv = command(sub, "serve", "run the DICOM service: storage SCP, scheduler and workers")
     sv.add_argument("--config", help="TOML settings file (FACESYM_* environment variables override it)")
 
-    wk = sub.add_parser("worker", help="analyse and deliver only (no SCP, no web): scale out beside a "
+    wk = command(sub, "worker", "analyse and deliver only (no SCP, no web): scale out beside a "
                         "`facesym serve` with workers = 0, sharing its database and file store")
     wk.add_argument("--config", help="TOML settings file (FACESYM_* environment variables override it)")
 
-    db = sub.add_parser("db", help="the database schema (Alembic migrations)")
+    db = command(sub, "db", "the database schema (Alembic migrations)")
     db_sub = db.add_subparsers(dest="db_command", required=True)
-    dbu = db_sub.add_parser("upgrade", help="bring the database to the newest schema revision (an old "
+    dbu = command(db_sub, "upgrade", "bring the database to the newest schema revision (an old "
                             "create_all database is stamped at the baseline first)")
     dbu.add_argument("--config", help="TOML settings file (the database is found as serve finds it)")
     dbu.add_argument("--create", action="store_true",
                      help="make a new SQLite database where none exists (without it, a missing file is an "
                           "error: a wrong data_dir must not silently become an empty database)")
-    dbc = db_sub.add_parser("current", help="print the database's schema revision (exit 1 if not the newest)")
+    dbc = command(db_sub, "current", "print the database's schema revision (exit 1 if not the newest)")
     dbc.add_argument("--config", help="TOML settings file")
 
-    rp = sub.add_parser("report", help="render an analysed study's PDF report offline")
+    rp = command(sub, "report", "render an analysed study's PDF report offline")
     rp.add_argument("study_uid", help="Study Instance UID of a study FaceSym has analysed")
     rp.add_argument("--pdf", required=True, metavar="FILE", help="where to write the PDF")
     rp.add_argument("--config", help="TOML settings file (the database is found as serve finds it)")
 
-    us = sub.add_parser("user", help="local users of the web console and the REST API")
+    us = command(sub, "user", "local users of the web console and the REST API")
     us_sub = us.add_subparsers(dest="user_command", required=True)
-    ua = us_sub.add_parser("add", help="create a user (password asked for, or read from --password-file)")
+    ua = command(us_sub, "add", "create a user (password asked for, or read from --password-file)")
     ua.add_argument("username")
     ua.add_argument("--role", choices=["viewer", "operator", "admin"], default="viewer")
     ua.add_argument("--password-file", help="read the password from this file instead of asking")
     ua.add_argument("--update", action="store_true", help="change an existing user's password and role")
     ua.add_argument("--config", help="TOML settings file")
-    ut = us_sub.add_parser("token", help="issue a new API token for a user (printed once)")
+    ut = command(us_sub, "token", "issue a new API token for a user (printed once)")
     ut.add_argument("username")
     ut.add_argument("--config", help="TOML settings file")
-    ul = us_sub.add_parser("list", help="list users and roles")
+    ul = command(us_sub, "list", "list users and roles")
     ul.add_argument("--config", help="TOML settings file")
 
-    tr = sub.add_parser("train", help="train the deep grader (manifest CSV: path, task, grade[, patient_id])")
+    tr = command(sub, "train", "train the deep grader (manifest CSV: path, task, grade[, patient_id])")
     tr.add_argument("manifest", help="CSV of clips, DICOM objects or .npz landmark tracks with their grades")
     tr.add_argument("--out", default="models", help="models folder (writes OUT/NAME/VERSION/)")
-    tr.add_argument("--name", default="facesym-grader")
+    tr.add_argument("--name", default="facesym-grader", help="model name")
     tr.add_argument("--version", required=True, help="model version, e.g. 0.2.0 (never overwritten)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--epochs", type=int, default=12)
+    tr.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model)")
+    tr.add_argument("--epochs", type=int, default=12, help="training epochs")
     tr.add_argument("--folds", type=int, default=5, help="patient-grouped cross-validation folds")
     tr.add_argument("--test", help="held-out test manifest (CSV) for the model card's metrics")
 
-    au = sub.add_parser("audit", help="the audit trail: verify its hash chain, export records")
+    au = command(sub, "audit", "the audit trail: verify its hash chain, export records")
     au_sub = au.add_subparsers(dest="audit_command", required=True)
-    av = au_sub.add_parser("verify", help="check the chain; names the first broken record (exit 1)")
+    av = command(au_sub, "verify", "check the chain; names the first broken record (exit 1)")
     av.add_argument("--config", help="TOML settings file (the trail is found as serve finds it)")
-    ax = au_sub.add_parser("export", help="print records as JSON lines or DICOM audit XML")
+    ax = command(au_sub, "export", "print records as JSON lines or DICOM audit XML")
     ax.add_argument("--config", help="TOML settings file")
     ax.add_argument("--since", help="ISO date/time: only records from then on")
     ax.add_argument("--format", choices=["jsonl", "xml"], default="jsonl")
 
-    pu = sub.add_parser("purge", help="remove studies (files, rows, reports) whose last activity is older "
+    pu = command(sub, "purge", "remove studies (files, rows, reports) whose last activity is older "
                         "than DAYS; each removal is audited (110105)")
     pu.add_argument("--older-than", type=float, required=True, metavar="DAYS",
                     help="remove studies with no activity (received, analysed, delivered) for this many days")
@@ -148,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also remove studies with unfinished or FAILED jobs or undelivered results")
     pu.add_argument("--config", help="TOML settings file (store and database found as serve finds them)")
 
-    dm = sub.add_parser("demo", help="send a phantom exam to FaceSym over DICOM and print the SR's scores")
+    dm = command(sub, "demo", "send a phantom exam to FaceSym over DICOM and print the SR's scores")
     dm.add_argument("--config", help="TOML settings file (where FaceSym listens)")
     dm.add_argument(
         "--receiver-port", type=int, default=None,
@@ -165,21 +235,39 @@ def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 120)
 
 
-def result_table(doc: dict[str, Any]) -> Table:
-    table = Table(title="FaceSym result (sides are the patient's)")
-    texts = ("task", "weaker", "method", "grade*")
-    columns = ("task", "frames", "left", "right", "AI", "gate", "AS", "CI", "CS", *texts[1:])
-    for col in columns:
-        table.add_column(col, justify="left" if col in texts else "right")
+#: Narrower than this (columns), the scores table is split in two so that no cell is cut short.
+WIDE_TABLE_COLUMNS = 110
+
+
+def result_tables(doc: dict[str, Any], width: int = 200) -> list[Table]:
+    """The scores as one table, or on a terminal narrower than :data:`WIDE_TABLE_COLUMNS` two: the
+    scores, then frames, gate and method."""
+    rows = []
     for t in doc["tasks"]:
         gate = f"{t['activation_gate']:.2f}" + (" (low)" if t["insufficient_activation"] else "")
-        table.add_row(
-            t["task"], f"{t['frames'][0]}–{t['frames'][1]}", f"{t['left']['magnitude']:.3f}",
-            f"{t['right']['magnitude']:.3f}", f"{t['asymmetry_index']:.2f}", gate,
-            f"{t['asymmetry_score']:.0f}", f"{t['cosine_index']:.2f}", f"{t['cosine_score']:.0f}",
-            t["weaker_side"] or "none", t["method"], _grade_cell((t.get("grade") or {}).get("label")),
-        )
-    return table
+        rows.append({
+            "task": t["task"], "frames": f"{t['frames'][0]}–{t['frames'][1]}",
+            "left": f"{t['left']['magnitude']:.3f}", "right": f"{t['right']['magnitude']:.3f}",
+            "AI": f"{t['asymmetry_index']:.2f}", "gate": gate, "AS": f"{t['asymmetry_score']:.0f}",
+            "CI": f"{t['cosine_index']:.2f}", "CS": f"{t['cosine_score']:.0f}",
+            "weaker": t["weaker_side"] or "none",
+            "method": t["method"], "grade*": _grade_cell((t.get("grade") or {}).get("label")),
+        })
+    texts = ("task", "weaker", "method", "grade*")
+    wide = ("task", "frames", "left", "right", "AI", "gate", "AS", "CI", "CS", "weaker", "method", "grade*")
+    layouts = [wide] if width >= WIDE_TABLE_COLUMNS else [
+        ("task", "left", "right", "AI", "AS", "CI", "CS", "weaker", "grade*"),
+        ("task", "frames", "gate", "method"),
+    ]
+    tables = []
+    for k, columns in enumerate(layouts):
+        table = Table(title="FaceSym result (sides are the patient's)" if k == 0 else None)
+        for col in columns:
+            table.add_column(col, justify="left" if col in texts else "right", no_wrap=True)
+        for r in rows:
+            table.add_row(*(r[c] for c in columns))
+        tables.append(table)
+    return tables
 
 
 def finding_line(doc: dict[str, Any]) -> str | None:
@@ -197,70 +285,84 @@ def analyze_path(
     """Decode, analyse and return the JSON document. Raises UnreadableInputError for undecodable input
     (LimitExceededError beyond ``limits``, default :class:`~service.media.limits.DecodeLimits`); ``params``
     are the engine's settings (default :class:`~service.engine.pipeline.EngineParams`)."""
-    from service.engine.pipeline import analyze_frames, analyze_photos
-    from service.media.decode import open_media
-    from service.media.prefetch import prefetch
-    from service.report.jsonout import analysis_dict
+    from service.research.progress import StageProgress
+    from service.research.run import analyse_input
 
-    source = open_media(path, mirrored=mirrored, limits=limits)
-    info = source.info
-    analysis: Analysis
-    if info.kind == "image" or path2:
-        rest = next(iter(source.frames())).rgb
-        expression = None
-        if path2:
-            second = open_media(path2, mirrored=mirrored, limits=limits)
-            expression = next(iter(second.frames())).rgb
-        analysis = analyze_photos(rest, expression, task, params)
-        n = 2 if path2 else 1
-        return analysis_dict(analysis, info, n, [path2] if path2 else None)
+    progress = StageProgress(sys.stderr) if show_progress else None
+    try:
+        return analyse_input(path, path2, task, mirrored, limits=limits, params=params, progress=progress).doc
+    finally:
+        if progress is not None:
+            progress.close()
 
-    counted = [0]
 
-    def run(progress: Any | None) -> Analysis:
-        job = progress.add_task("landmarks", total=info.frames) if progress else None
-
-        def tick(n: int) -> None:
-            counted[0] = n
-            if progress is not None and job is not None:
-                progress.update(job, completed=n)
-
-        return analyze_frames(prefetch(source.frames()), info.fps, task, params, progress=tick)
-
-    if show_progress:
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            transient=True, console=Console(stderr=True),
-        ) as progress:
-            analysis = run(progress)
-    else:
-        analysis = run(None)
-    from service.jobs.analysis import with_media_warnings  # a truncated clip, a lying frame count
-
-    return analysis_dict(with_media_warnings(analysis, source), info, counted[0])
+def _one_output(value: str | None, option: str) -> Path | None:
+    if value == PER_INPUT:
+        raise InvalidParameterError(f"{option} needs a file name for one input (without one it is a batch "
+                                    "option: add --out RESULTS_DIR)")
+    return Path(value) if value else None
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from service.config import load_settings
-    from service.report.head_motion import head_motion_of, head_motion_text, not_corrected_text
 
     console = _console(stderr=args.json == "-")  # with --json -, stdout carries the JSON and nothing else
-    settings = load_settings()  # FACESYM_* environment variables: decode limits and engine settings
+    settings = load_settings(args.config)  # + FACESYM_* environment variables: decode limits, engine settings
+    if args.jobs < 1:
+        raise InvalidParameterError(f"--jobs must be 1 or more, got {args.jobs}")
+    if args.out is not None:
+        return _analyze_batch(args, console)
+    from service.research.batch import discover
+
+    if len(args.paths) > 2 or any(Path(p).is_dir() or glob.has_magic(p) and not Path(p).exists()
+                                  for p in args.paths):
+        raise InvalidParameterError("several inputs, a folder or a pattern make a batch: add --out "
+                                    "RESULTS_DIR "
+                                    f"(got {len(args.paths)} input(s))")
+    if args.redo:
+        raise InvalidParameterError("--redo applies to a batch (--out RESULTS_DIR)")
+    path, path2 = args.paths[0], (args.paths[1] if len(args.paths) == 2 else None)
+    discover([p for p in args.paths])  # a missing file is named before anything is decoded
+    frames_csv = _one_output(args.frames_csv, "--frames-csv")
+    annotated = _one_output(args.annotated, "--annotated")
+    figures = _one_output(args.figures, "--figures")
+    for target in (frames_csv, annotated, Path(args.fhir) if args.fhir else None,
+                   Path(args.json) if args.json and args.json != "-" else None):
+        if target is not None and not target.parent.is_dir():
+            raise InvalidParameterError(f"cannot write {target}: folder {target.parent} does not exist")
+    fhir_system = _check_fhir(args, settings) if args.fhir else None
+    from service.research.progress import StageProgress
+    from service.research.run import analyse_input, write_outputs
+
+    progress = None if args.quiet else StageProgress(sys.stderr)
     try:
-        doc = analyze_path(args.path, args.path2, args.task, args.mirrored, show_progress=sys.stderr.isatty(),
-                           limits=settings.decode_limits, params=settings.engine_params)
+        try:
+            result = analyse_input(path, path2, args.task, args.mirrored, limits=settings.decode_limits,
+                                   params=settings.engine_params, progress=progress,
+                                   keep_trace=bool(frames_csv or annotated))
+            doc = result.doc
+            if doc["quality"]["ok"]:
+                write_outputs(result, frames_csv=frames_csv, annotated=annotated, figures_dir=figures,
+                              progress=progress)
+            elif frames_csv is not None and result.is_clip:  # the per-frame QC flags say why
+                from service.research.tables import write_frames_csv
+
+                write_frames_csv(result.analysis, frames_csv)
+        finally:
+            if progress is not None:
+                progress.close()
     except UnreadableInputError as exc:
-        console.print(f"[bold red]unreadable input:[/] {escape(str(exc))}")
+        console.print(f"[bold red]unreadable input:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_UNREADABLE
     except (FaceSymError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - a bug on hostile input: a message and exit 2, never a traceback
-        log.debug("analysis of %s failed", args.path, exc_info=True)
-        console.print(f"[bold red]unreadable input:[/] {escape(args.path)}: processing failed "
+        log.debug("analysis of %s failed", path, exc_info=True)
+        console.print(f"[bold red]unreadable input:[/] {escape(path)}: processing failed "
                       f"({type(exc).__name__}: {escape(str(exc)[:200])}); run with -v for details")
         return EXIT_UNREADABLE
-    if args.fhir:
-        _write_fhir(args, doc)
+    if args.fhir and fhir_system is not None:
+        _write_fhir(path, result.analysis, Path(args.fhir), fhir_system, settings.fhir_reference_mode)
     if args.json:
         text = json.dumps(doc, indent=2)
         if args.json == "-":
@@ -268,60 +370,108 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         else:
             Path(args.json).write_text(text + "\n")
     if not doc["quality"]["ok"]:
-        console.print("[bold red]not analysable:[/] " + escape("; ".join(doc["quality"]["reasons"])))
+        reasons = escape("; ".join(doc["quality"]["reasons"]))
+        console.print(f"[bold red]not analysable:[/] {reasons}", soft_wrap=True)
         return EXIT_NOT_ANALYSABLE
     if args.json != "-":
-        console.print(result_table(doc))
-        if (finding := finding_line(doc)) is not None:
-            console.print(f"Finding: {finding}", soft_wrap=True, markup=False)
-        for w in doc["quality"]["warnings"]:
-            console.print(f"[yellow]warning:[/] {escape(w)}")
-        for t in doc["tasks"]:
-            for note in t["notes"]:
-                console.print(f"[yellow]{t['task']}:[/] {escape(note)}")
-            if (head := head_motion_of(t)) is not None:
-                console.print(f"{t['task']} head motion: {head_motion_text(head)}")
-                if not head.corrected:
-                    console.print(f"[bold red]{t['task']}:[/] {escape(not_corrected_text(head))}")
-        for name, item in doc.get("static", {}).items():
-            console.print(f"static {name}: left {item['left']:.3f} D, right {item['right']:.3f} D")
+        _print_result(console, doc)
     return EXIT_OK
 
 
-def _write_fhir(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+def _print_result(console: Console, doc: dict[str, Any]) -> None:
+    from service.report.head_motion import head_motion_of, head_motion_text, not_corrected_text
+
+    for table in result_tables(doc, console.width):
+        console.print(table)
+    if (finding := finding_line(doc)) is not None:
+        console.print(f"Finding: {finding}", soft_wrap=True, markup=False)
+    for w in doc["quality"]["warnings"]:
+        console.print(f"[yellow]warning:[/] {escape(w)}")
+    for t in doc["tasks"]:
+        for note in t["notes"]:
+            console.print(f"[yellow]{t['task']}:[/] {escape(note)}")
+        if (head := head_motion_of(t)) is not None:
+            console.print(f"{t['task']} head motion: {head_motion_text(head)}")
+            if not head.corrected:
+                console.print(f"[bold red]{t['task']}:[/] {escape(not_corrected_text(head))}")
+    for name, item in doc.get("static", {}).items():
+        console.print(f"static {name}: left {item['left']:.3f} D, right {item['right']:.3f} D")
+
+
+def _analyze_batch(args: argparse.Namespace, console: Console) -> int:
+    from service.research.batch import BatchOptions, discover, run_batch
+    from service.research.progress import StageProgress
+
+    if args.fhir or args.json:
+        raise InvalidParameterError("--fhir and --json are for one input; a batch writes "
+                                    "RESULTS_DIR/NAME.json")
+    for value, option in ((args.frames_csv, "--frames-csv"), (args.annotated, "--annotated"),
+                          (args.figures, "--figures")):
+        if value not in (None, PER_INPUT):
+            raise InvalidParameterError(f"in a batch, give {option} without a file name: each input's "
+                                        f"goes to {args.out}")
+    inputs = discover(args.paths, exclude=args.out)
+    options = BatchOptions(
+        task=args.task.value if args.task else None, mirrored=args.mirrored,
+        frames_csv=args.frames_csv is not None, annotated=args.annotated is not None,
+        figures=args.figures is not None, config=args.config,
+    )
+    progress = None if args.quiet else StageProgress(sys.stderr, files=len(inputs))
+    try:
+        outcome = run_batch(inputs, args.out, options, jobs=args.jobs, redo=args.redo, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    said = _console(stderr=True)
+    said.print(f"{len(inputs)} input(s): {len(outcome.analysed)} analysed, {len(outcome.reused)} already "
+               f"done (skipped), {len(outcome.not_analysable)} not analysable, {len(outcome.unreadable)} "
+               f"unreadable; summary: {args.out / 'summary.csv'}", soft_wrap=True, markup=False)
+    for name in outcome.failed:
+        said.print(f"  no scores: {name} (why: {args.out / (name + '.json')}, quality.reasons)",
+                   soft_wrap=True, markup=False)
+    return EXIT_NOT_ANALYSABLE if outcome.failed else EXIT_OK
+
+
+def _check_fhir(args: argparse.Namespace, settings: Any) -> str:
+    """Before analysing: the input is DICOM and the Patient ID's identifier system is known. Returns it."""
+    from service.media.dicom_io import is_dicom
+    from service.report.fhir import resolve_patient_system, study_identity_from_dicom
+
+    path = args.paths[0]
+    if not is_dicom(path):
+        raise InvalidParameterError(
+            f"--fhir needs a DICOM object (the identity comes from its header): {path}")
+    identity = study_identity_from_dicom(path)
+    try:
+        return resolve_patient_system(args.patient_system or settings.fhir_patient_identifier_system,
+                                      identity.issuer_of_patient_id)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(
+            f"--fhir: {exc}. Give --patient-system URI, or set fhir_patient_identifier_system in the "
+            "--config file or FACESYM_FHIR_PATIENT_IDENTIFIER_SYSTEM"
+        ) from None
+
+
+def _write_fhir(path: str, analysis: Analysis, out: Path, system: str, reference_mode: str) -> None:
     """The Bundle the service would send for this one DICOM object (same builder, same identifiers)."""
     from datetime import UTC, datetime
 
-    from service.config import load_settings
     from service.engine import ENGINE_VERSION
-    from service.engine.pipeline import analyze_frames, analyze_photos
-    from service.media.decode import open_media
-    from service.media.dicom_io import dicom_summary, is_dicom
+    from service.media.dicom_io import dicom_summary
     from service.report.fhir import build_bundle, study_identity_from_dicom
     from service.report.sr import InstanceFinding, report_uids
 
-    if not is_dicom(args.path):
-        raise UnreadableInputError(
-            f"--fhir needs a DICOM object (the identity comes from its header): {args.path}"
-        )
-    summary = dicom_summary(args.path)
-    source = open_media(args.path)
-    if source.info.kind == "image":
-        analysis = analyze_photos(next(iter(source.frames())).rgb, None, args.task)
-    else:
-        analysis = analyze_frames(source.frames(), source.info.fps, args.task)
+    summary = dicom_summary(path)
     frames = summary.get("number_of_frames")
     finding = InstanceFinding(summary["sop_class_uid"], summary["sop_instance_uid"],
                               int(frames) if frames else None, analysis)
-    settings = load_settings()
     bundle = build_bundle(
-        study_identity_from_dicom(args.path), [finding],
+        study_identity_from_dicom(path), [finding],
         sr_sop_instance_uid=report_uids([summary["sop_instance_uid"]], ENGINE_VERSION)[1],
         engine_version=ENGINE_VERSION, issued=datetime.now(UTC),
-        patient_identifier_system=args.patient_system or settings.fhir_patient_identifier_system,
-        reference_mode=settings.fhir_reference_mode,  # type: ignore[arg-type]
+        patient_identifier_system=system, reference_mode=reference_mode,  # type: ignore[arg-type]
     )
-    Path(args.fhir).write_text(json.dumps(bundle, indent=2, ensure_ascii=False) + "\n")
+    out.write_text(json.dumps(bundle, indent=2, ensure_ascii=False) + "\n")
 
 
 def _default_face() -> Path:
@@ -742,16 +892,16 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     # Messages quote input (file names, decoder text): printed as text, never as rich markup.
     except UnreadableInputError as exc:
-        said.print(f"[bold red]unreadable input:[/] {escape(str(exc))}")
+        said.print(f"[bold red]unreadable input:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_UNREADABLE
     except NotAnalysableError as exc:
-        said.print(f"[bold red]not analysable:[/] {escape(str(exc))}")
+        said.print(f"[bold red]not analysable:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_NOT_ANALYSABLE
     except FaceSymError as exc:
-        said.print(f"[bold red]error:[/] {escape(str(exc))}")
+        said.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return exc.exit_code
     except TimeoutError as exc:
-        said.print(f"[bold red]timed out:[/] {escape(str(exc))}")
+        said.print(f"[bold red]timed out:[/] {escape(str(exc))}", soft_wrap=True)
         return 1
 
 

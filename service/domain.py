@@ -6,7 +6,7 @@ Sides are always the PATIENT's (DESIGN.md, "Sides and coordinates").
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
@@ -242,6 +242,37 @@ class StaticItem:
         return self.left - self.right
 
 
+@dataclass(frozen=True, eq=False)
+class FrameTrace:
+    """Per-frame evidence behind a clip's result (kept only when asked for: ``--frames-csv``,
+    ``--annotated``). T = decoded frames.
+
+    Attributes
+    ----------
+    times
+        (T,) presentation time of each frame, seconds.
+    faces
+        (T,) number of faces FaceMesh found.
+    usable
+        (T,) True where the frame counted for measurement (one face, pose within the QC limits).
+    pose
+        (T, 3) yaw, pitch, roll in degrees (:func:`service.engine.normalize.head_pose`; NaN without a face).
+    points
+        (T, 478, 3) landmarks in image pixels (x right, y down, z MediaPipe depth in pixels; NaN without
+        one face).
+    signals
+        Per task, (T, 2) [left, right] landmark signal in the head's frame at rest (D, or a fraction of
+        the eye area for eye closure); NaN in unusable frames. Empty when the clip was not analysable.
+    """
+
+    times: np.ndarray
+    faces: np.ndarray
+    usable: np.ndarray
+    pose: np.ndarray
+    points: np.ndarray
+    signals: dict[Task, np.ndarray] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Analysis:
     """What the engine says about one input (a clip, a photo pair or one photo)."""
@@ -249,6 +280,8 @@ class Analysis:
     quality: Quality
     tasks: tuple[TaskResult, ...]
     static: tuple[StaticItem, ...] = ()
+    #: Per-frame evidence of a clip, when the caller asked for it (never compared, never serialised).
+    trace: FrameTrace | None = field(default=None, compare=False, repr=False)
 
     @property
     def grade(self) -> GradeResult | None:

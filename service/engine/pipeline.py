@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from service.domain import Analysis, Frame, HeadMotion, Quality, StaticItem, Task, TaskResult
+from service.domain import Analysis, Frame, FrameTrace, HeadMotion, Quality, StaticItem, Task, TaskResult
 from service.engine import headmotion as hm
 from service.engine import normalize as nz
 from service.engine import tasks as tk
@@ -29,6 +29,8 @@ from service.errors import NotAnalysableError
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
+#: Told the name of each later stage as it starts ("measuring smile", "grading smile", …), for progress.
+StageListener = Callable[[str], None]
 #: Lucas–Kanade window for the eye contour (crop pixels, D = 64): small, so the still eyeball and skin
 #: around the lid margin do not outvote the lid. On warped closures with known landmark truth (45 %), a
 #: 5-px window read 0.42/0.40 (demo face) and 0.36/0.39 (a validation face), 7 px 0.34/0.37 and 0.28/0.35:
@@ -64,7 +66,7 @@ class EngineParams:
 
 def _landmark_pass(
     frames: Iterable[Frame], static: bool, progress: Progress | None
-) -> tuple[np.ndarray, np.ndarray, CropStore, int, int]:
+) -> tuple[np.ndarray, np.ndarray, CropStore, int, int, np.ndarray]:
     crops = CropStore()
     builder: TrackBuilder | None = None
     with FaceMeshDetector(static=static) as det:
@@ -77,9 +79,9 @@ def _landmark_pass(
             if progress:
                 progress(n)
     if builder is None:
-        return np.zeros((0, 478, 3), np.float32), np.zeros(0, np.int16), crops, 0, 0
+        return np.zeros((0, 478, 3), np.float32), np.zeros(0, np.int16), crops, 0, 0, np.zeros(0)
     track = builder.build()
-    return track.points, track.faces, crops, track.width, track.height
+    return track.points, track.faces, crops, track.width, track.height, track.times
 
 
 def _not_analysable(quality: Quality, reason: str) -> Analysis:
@@ -95,6 +97,9 @@ def analyze_frames(
     task: Task | None = None,
     params: EngineParams | None = None,
     progress: Progress | None = None,
+    *,
+    on_stage: StageListener | None = None,
+    keep_trace: bool = False,
 ) -> Analysis:
     """Analyse a video clip.
 
@@ -106,14 +111,22 @@ def analyze_frames(
         Frame rate (frames per second), for time-based windows.
     task
         The task the clip shows, or None to find the tasks in it (``--task auto``).
+    progress
+        Called with the number of frames through FaceMesh so far.
+    on_stage
+        Called with the name of each later stage as it starts.
+    keep_trace
+        Keep the per-frame evidence (:class:`~service.domain.FrameTrace`) in ``Analysis.trace``
+        (about 6 kB a frame).
     """
     params = params or EngineParams()
-    points, faces, crops, width, height = _landmark_pass(frames, static=False, progress=progress)
+    points, faces, crops, width, height, times = _landmark_pass(frames, static=False, progress=progress)
     pose = nz.head_pose(points, width, height) if len(points) else np.zeros((0, 3))
     quality, usable = assess(faces, pose, params.quality)
+    trace = FrameTrace(times, faces, usable, pose, points) if keep_trace else None
     if not quality.ok:
-        return Analysis(quality, ())
-    return _analyze_track(points, usable, crops, fps, task, params, quality)
+        return Analysis(quality, (), trace=trace)
+    return _analyze_track(points, usable, crops, fps, task, params, quality, trace=trace, on_stage=on_stage)
 
 
 def analyze_photos(
@@ -131,7 +144,7 @@ def analyze_photos(
     params = params or EngineParams()
     images = [rest] if expression is None else [rest, expression]
     frames = [Frame(i, float(i), img) for i, img in enumerate(images)]
-    points, faces, crops, width, height = _landmark_pass(frames, static=True, progress=None)
+    points, faces, crops, width, height, _ = _landmark_pass(frames, static=True, progress=None)
     pose = nz.head_pose(points, width, height)
     quality, usable = assess(faces, pose, params.quality, still=True)
     if not quality.ok:
@@ -174,7 +187,10 @@ def _analyze_track(
     quality: Quality,
     *,
     photo_pair: bool = False,
+    trace: FrameTrace | None = None,
+    on_stage: StageListener | None = None,
 ) -> Analysis:
+    stage = on_stage or (lambda name: None)
     pts = points.copy()
     pts[~usable] = np.nan
     first_valid = np.flatnonzero(usable)
@@ -202,14 +218,59 @@ def _analyze_track(
                 quality,
                 "no facial movement found: name the task (--task) to score a clip with little or no movement",
             )
-    results = [_measure(seg, pts, norm, usable, crops, fps, params, photo_pair) for seg in segments]
+    results = []
+    for seg in segments:
+        stage(f"measuring {seg.task.value}")
+        results.append(_measure(seg, pts, norm, usable, crops, fps, params, photo_pair))
+    if task is not None and (note := wrong_task_note(signals, task, a1, usable)) is not None:
+        results = [replace(r, notes=r.notes + (note,)) for r in results]
     if params.grader and not photo_pair:
-        results = [_with_grade(r, norm, params) for r in results]
+        for k, r in enumerate(results):
+            stage(f"grading {r.task.value}")
+            results[k] = _with_grade(r, norm, params)
     if params.regional_flow and not photo_pair and crops.scale is not None:
         # Two photos are not consecutive frames: optical flow is for clips only.
         lm_crop = crops.to_crop(pts[..., :2])
-        results = [_with_flow(r, crops, lm_crop, fps, params) for r in results]
-    return Analysis(quality, tuple(results))
+        for k, r in enumerate(results):
+            stage(f"regional flow {r.task.value}")
+            results[k] = _with_flow(r, crops, lm_crop, fps, params)
+    if trace is not None:
+        trace = replace(trace, signals={t: np.where(usable[:, None], v, np.nan) for t, v in signals.items()})
+    return Analysis(quality, tuple(results), trace=trace)
+
+
+#: A named task's region counts as barely moving when it reached less than this fraction of a full
+#: movement (the gate's a1) ...
+WRONG_TASK_OWN = 0.25
+#: ... while another region moved at least this many times more, relative to ITS full movement.
+WRONG_TASK_RATIO = 4.0
+
+
+def wrong_task_note(
+    signals: Mapping[Task, np.ndarray], task: Task, full: Mapping[Task, float], usable: np.ndarray
+) -> str | None:
+    """A warning when the named ``task``'s region barely moved while another region clearly did.
+
+    ``signals`` are the landmark signals (T, 2) per task in the head's frame, ``full`` each task's full
+    movement (a1, same unit), ``usable`` the (T,) frames that count. Each region's activity is its larger
+    side's 95th-percentile excursion over a full movement, so a one-sided movement counts whole. Returns
+    None when the named region moved, or no other region moved much more.
+    """
+    def activity(t: Task) -> float:
+        v = signals[t][usable]
+        v = v[np.isfinite(v).all(axis=1)] if v.size else v
+        return float(np.percentile(v, 95, axis=0).max()) / full[t] if len(v) else 0.0
+
+    own = activity(task)
+    others = {t: activity(t) for t in Task if t is not task}
+    busiest = max(others, key=lambda t: others[t])
+    if own >= WRONG_TASK_OWN or others[busiest] < WRONG_TASK_RATIO * max(own, 0.0) or others[busiest] < 0.5:
+        return None
+    return (
+        f"wrong task? the {task.value.replace('_', ' ')} region moved {own:.2f} of a full movement while the "
+        f"{busiest.value.replace('_', ' ')} region moved {others[busiest]:.2f}: check the task "
+        "(--task auto finds the tasks in the clip)"
+    )
 
 
 def pose_normalized(points: np.ndarray, rest_frames: np.ndarray) -> np.ndarray:

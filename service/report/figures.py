@@ -191,6 +191,16 @@ def key_image(
     return key_image_with_marks(peak_rgb, rest_points, peak_points, task)[0]
 
 
+def rest_in_frame(rest_points: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(478, 2) rest landmarks mapped into another frame (``points``, (478, 2+) pixels) by a similarity
+    fitted on stable landmarks (nasal dorsum, inner canthi, face outline at eye level): so head motion
+    between the frames is not drawn as facial movement."""
+    stable = list(_STABLE)
+    rest, cur = np.asarray(rest_points)[:, :2], np.asarray(points)[:, :2]
+    scale, rot, shift = _similarity(rest[stable], cur[stable])
+    return np.asarray((scale * (rot @ rest.T)).T + shift)
+
+
 def key_image_with_marks(
     peak_rgb: np.ndarray, rest_points: np.ndarray, peak_points: np.ndarray, task: TaskResult
 ) -> tuple[np.ndarray, Marks]:
@@ -218,9 +228,7 @@ def key_image_with_marks(
     rgb = _check_rgb(peak_rgb, "peak_rgb")
     rest = _check_points(rest_points, "rest_points")
     peak = _check_points(peak_points, "peak_points")
-    stable = list(_STABLE)
-    scale, rot, shift = _similarity(rest[stable], peak[stable])
-    rest_in_peak = (scale * (rot @ rest.T)).T + shift
+    rest_in_peak = rest_in_frame(rest, peak)
     left_idx, right_idx = tk.groups(task.task)
     eye_px = float(np.linalg.norm(np.subtract(*nz.eye_centres(peak[None])).ravel()))
     disp = peak - rest_in_peak
