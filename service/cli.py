@@ -414,7 +414,7 @@ def _analyze_batch(args: argparse.Namespace, console: Console) -> int:
     options = BatchOptions(
         task=args.task.value if args.task else None, mirrored=args.mirrored,
         frames_csv=args.frames_csv is not None, annotated=args.annotated is not None,
-        figures=args.figures is not None, config=args.config,
+        figures=args.figures is not None, config=args.config, verbose=args.verbose,
     )
     progress = None if args.quiet else StageProgress(sys.stderr, files=len(inputs))
     try:
@@ -873,12 +873,18 @@ def _quiet_pydicom() -> None:
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format=LOG_FORMAT)
+def safe_process_logging(verbose: bool) -> None:
+    """Logging, warnings and pydicom's reading as every FaceSym process needs them (no patient data in
+    logs): the command's own process, and each process a batch spawns (which inherits none of it)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format=LOG_FORMAT)
     _quiet_pydicom()
     phi_safe_warnings()
     phi_safe_logging()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    safe_process_logging(args.verbose)
     if args.command in PATIENT_DATA_COMMANDS:
         private_files()
     handlers = {

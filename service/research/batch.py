@@ -117,6 +117,7 @@ class BatchOptions:
     annotated: bool = False
     figures: bool = False
     config: str | None = None
+    verbose: bool = False
 
     def record(self) -> dict[str, Any]:
         """The options that change a result (outputs do not): part of the resume check."""
@@ -188,6 +189,13 @@ def analyse_one(path: Path, name: str, out_dir: Path, options: BatchOptions, rec
     return status, doc
 
 
+def _child_setup(verbose: bool) -> None:
+    """A spawned batch process starts bare: the same PHI-safe logging and quiet pydicom as the command."""
+    from service.cli import safe_process_logging
+
+    safe_process_logging(verbose)
+
+
 def _analyse_in_child(
     args: tuple[Path, str, Path, BatchOptions, dict[str, Any]],
 ) -> tuple[str, str, dict[str, Any]]:
@@ -236,7 +244,8 @@ def run_batch(
     else:
         # Separate processes: FaceMesh and torch hold one core each; spawn, as forking a process that
         # has threads (the prefetcher, MediaPipe's) is not safe.
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_child_setup,
+                                 initargs=(options.verbose,)) as pool:
             futures = [pool.submit(_analyse_in_child, item) for item in todo]
             for future in as_completed(futures):
                 name, status, doc = future.result()
