@@ -24,9 +24,11 @@ from service.domain import Analysis, Side, Task
 from service.errors import FaceSymError, InvalidParameterError, NotAnalysableError, UnreadableInputError
 
 if TYPE_CHECKING:
+    from service.config import Settings
     from service.engine.pipeline import EngineParams
     from service.jobs.scheduler import FaceSymService
     from service.media.limits import DecodeLimits
+    from service.report.fhir import StudyIdentity
 
 log = logging.getLogger("facesym")
 EXIT_OK, EXIT_UNREADABLE, EXIT_NOT_ANALYSABLE = 0, 2, 3
@@ -102,15 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                 ANALYZE_DESCRIPTION)
     a.add_argument("paths", nargs="+", metavar="PATH",
                    help="video (mp4/mov/avi...), DICOM object or photo; PATH PATH2: rest and expression "
-                   "photo; "
-                   "with --out: files, folders (searched recursively) and glob patterns")
+                   "photo; with --out: files, folders (searched recursively) and glob patterns")
     a.add_argument("--task", type=_parse_task, default=None, metavar="auto|smile|eye_closure|brow_raise",
                    help="task shown (default auto: find the tasks in the clip)")
     a.add_argument("--json", metavar="FILE", help="write the result as JSON (- for stdout: only JSON there)")
     a.add_argument("--mirrored", action="store_true", help="input is mirrored (selfie camera)")
     a.add_argument("--config", help="TOML settings file: decode limits, engine settings (FACESYM_* "
-                   "environment "
-                   "variables override it)")
+                   "environment variables override it)")
     a.add_argument("--out", metavar="RESULTS_DIR", type=Path,
                    help="batch: one JSON per input and summary.csv (one row per input and task) in "
                    "RESULTS_DIR")
@@ -317,12 +317,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if len(args.paths) > 2 or any(Path(p).is_dir() or glob.has_magic(p) and not Path(p).exists()
                                   for p in args.paths):
         raise InvalidParameterError("several inputs, a folder or a pattern make a batch: add --out "
-                                    "RESULTS_DIR "
-                                    f"(got {len(args.paths)} input(s))")
+                                    f"RESULTS_DIR (got {len(args.paths)} input(s))")
     if args.redo:
         raise InvalidParameterError("--redo applies to a batch (--out RESULTS_DIR)")
     path, path2 = args.paths[0], (args.paths[1] if len(args.paths) == 2 else None)
-    discover([p for p in args.paths])  # a missing file is named before anything is decoded
+    discover(args.paths)  # a missing file is named before anything is decoded
     frames_csv = _one_output(args.frames_csv, "--frames-csv")
     annotated = _one_output(args.annotated, "--annotated")
     figures = _one_output(args.figures, "--figures")
@@ -330,7 +329,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                    Path(args.json) if args.json and args.json != "-" else None):
         if target is not None and not target.parent.is_dir():
             raise InvalidParameterError(f"cannot write {target}: folder {target.parent} does not exist")
-    fhir_system = _check_fhir(args, settings) if args.fhir else None
+    fhir = _check_fhir(args, settings) if args.fhir else None
     from service.research.progress import StageProgress
     from service.research.run import analyse_input, write_outputs
 
@@ -341,13 +340,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                                    params=settings.engine_params, progress=progress,
                                    keep_trace=bool(frames_csv or annotated))
             doc = result.doc
-            if doc["quality"]["ok"]:
-                write_outputs(result, frames_csv=frames_csv, annotated=annotated, figures_dir=figures,
-                              progress=progress)
-            elif frames_csv is not None and result.is_clip:  # the per-frame QC flags say why
-                from service.research.tables import write_frames_csv
-
-                write_frames_csv(result.analysis, frames_csv)
+            write_outputs(result, frames_csv=frames_csv, annotated=annotated, figures_dir=figures,
+                          progress=progress)
         finally:
             if progress is not None:
                 progress.close()
@@ -361,8 +355,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         console.print(f"[bold red]unreadable input:[/] {escape(path)}: processing failed "
                       f"({type(exc).__name__}: {escape(str(exc)[:200])}); run with -v for details")
         return EXIT_UNREADABLE
-    if args.fhir and fhir_system is not None:
-        _write_fhir(path, result.analysis, Path(args.fhir), fhir_system, settings.fhir_reference_mode)
+    if args.fhir and fhir is not None:
+        _write_fhir(path, result.analysis, Path(args.fhir), *fhir, settings.fhir_reference_mode)
     if args.json:
         text = json.dumps(doc, indent=2)
         if args.json == "-":
@@ -432,8 +426,9 @@ def _analyze_batch(args: argparse.Namespace, console: Console) -> int:
     return EXIT_NOT_ANALYSABLE if outcome.failed else EXIT_OK
 
 
-def _check_fhir(args: argparse.Namespace, settings: Any) -> str:
-    """Before analysing: the input is DICOM and the Patient ID's identifier system is known. Returns it."""
+def _check_fhir(args: argparse.Namespace, settings: Settings) -> tuple[StudyIdentity, str]:
+    """Before analysing: the input is DICOM and the Patient ID's identifier system is known. Returns the
+    study's identity from the header and that system."""
     from service.media.dicom_io import is_dicom
     from service.report.fhir import resolve_patient_system, study_identity_from_dicom
 
@@ -443,22 +438,25 @@ def _check_fhir(args: argparse.Namespace, settings: Any) -> str:
             f"--fhir needs a DICOM object (the identity comes from its header): {path}")
     identity = study_identity_from_dicom(path)
     try:
-        return resolve_patient_system(args.patient_system or settings.fhir_patient_identifier_system,
-                                      identity.issuer_of_patient_id)
+        system = resolve_patient_system(args.patient_system or settings.fhir_patient_identifier_system,
+                                        identity.issuer_of_patient_id)
     except InvalidParameterError as exc:
         raise InvalidParameterError(
             f"--fhir: {exc}. Give --patient-system URI, or set fhir_patient_identifier_system in the "
             "--config file or FACESYM_FHIR_PATIENT_IDENTIFIER_SYSTEM"
         ) from None
+    return identity, system
 
 
-def _write_fhir(path: str, analysis: Analysis, out: Path, system: str, reference_mode: str) -> None:
+def _write_fhir(
+    path: str, analysis: Analysis, out: Path, identity: StudyIdentity, system: str, reference_mode: str
+) -> None:
     """The Bundle the service would send for this one DICOM object (same builder, same identifiers)."""
     from datetime import UTC, datetime
 
     from service.engine import ENGINE_VERSION
     from service.media.dicom_io import dicom_summary
-    from service.report.fhir import build_bundle, study_identity_from_dicom
+    from service.report.fhir import build_bundle
     from service.report.sr import InstanceFinding, report_uids
 
     summary = dicom_summary(path)
@@ -466,7 +464,7 @@ def _write_fhir(path: str, analysis: Analysis, out: Path, system: str, reference
     finding = InstanceFinding(summary["sop_class_uid"], summary["sop_instance_uid"],
                               int(frames) if frames else None, analysis)
     bundle = build_bundle(
-        study_identity_from_dicom(path), [finding],
+        identity, [finding],
         sr_sop_instance_uid=report_uids([summary["sop_instance_uid"]], ENGINE_VERSION)[1],
         engine_version=ENGINE_VERSION, issued=datetime.now(UTC),
         patient_identifier_system=system, reference_mode=reference_mode,  # type: ignore[arg-type]

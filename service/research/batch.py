@@ -162,21 +162,15 @@ def analyse_one(path: Path, name: str, out_dir: Path, options: BatchOptions, rec
             keep_trace=options.frames_csv or options.annotated,
         )
         doc = result.doc
-        if doc["quality"]["ok"]:
-            clip = result.is_clip
-            write_outputs(
-                result,
-                frames_csv=out_dir / f"{name}.frames.csv" if options.frames_csv and clip else None,
-                annotated=out_dir / f"{name}.annotated.mp4" if options.annotated and clip else None,
-                figures_dir=out_dir / "figures" if options.figures else None, progress=progress,
-                stem=name,
-            )
-        else:
+        clip = result.is_clip  # a batch's photos get no per-frame outputs (no error: only one input of many)
+        write_outputs(
+            result,
+            frames_csv=out_dir / f"{name}.frames.csv" if options.frames_csv and clip else None,
+            annotated=out_dir / f"{name}.annotated.mp4" if options.annotated and clip else None,
+            figures_dir=out_dir / "figures" if options.figures else None, progress=progress, stem=name,
+        )
+        if not doc["quality"]["ok"]:
             status = "not analysable"
-            if options.frames_csv and result.is_clip:  # QC flags per frame say why
-                from service.research.tables import write_frames_csv
-
-                write_frames_csv(result.analysis, out_dir / f"{name}.frames.csv")
     except UnreadableInputError as exc:
         status, doc = "unreadable", _failure_doc(path, f"unreadable: {exc}")
     except FaceSymError as exc:
@@ -224,7 +218,7 @@ def run_batch(
             docs[name] = earlier
             outcome.reused.append(name)
             if progress:
-                progress.skip_file(name, "already analysed with this engine version: skipped")
+                progress.report_file(name, "already analysed with this engine version: skipped")
         else:
             todo.append((path, name, out_dir, options, record))
 
@@ -250,7 +244,7 @@ def run_batch(
             for future in as_completed(futures):
                 name, status, doc = future.result()
                 if progress:
-                    progress.skip_file(name, status)
+                    progress.report_file(name, status)
                 done(name, status, doc)
     outcome.failed = [n for n in sorted(docs) if not docs[n].get("quality", {}).get("ok")]
     for name in sorted(docs):

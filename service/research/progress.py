@@ -105,15 +105,15 @@ class StageProgress:
             return
         self._line(f"{outcome} ({seconds:.1f} s)")
 
-    def skip_file(self, name: str, why: str) -> None:
-        """An input not analysed this run (already done, or it failed before analysis)."""
+    def report_file(self, name: str, what: str) -> None:
+        """An input reported whole in one line: skipped (already done), or finished in another process."""
         self._index += 1
         self._name, self._t0 = name, time.monotonic()
         if self._bar is not None:
             if self._file_job is not None:
                 self._bar.update(self._file_job, completed=self._index)
             return
-        self._line(why)
+        self._line(what)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -97,10 +97,14 @@ def write_outputs(
     figures_dir: Path | None = None, progress: StageProgress | None = None, stem: str | None = None,
 ) -> list[Path]:
     """Write the per-frame CSV, the annotated video and the figures that were asked for; returns the
-    files written. Outputs that need a clip (CSV, video) raise InvalidParameterError for photos."""
+    files written. A clip that failed quality control gets only its CSV (the per-frame QC flags say why).
+    Outputs that need a clip (CSV, video) raise InvalidParameterError for photos."""
     from service.errors import InvalidParameterError
 
     written: list[Path] = []
+    if not result.doc["quality"]["ok"]:
+        frames_csv = frames_csv if result.is_clip else None
+        annotated = figures_dir = None
     if (frames_csv or annotated) and not result.is_clip:
         raise InvalidParameterError("--frames-csv and --annotated need a video clip, not photos")
     if frames_csv is not None:

@@ -150,16 +150,15 @@ def write_frames_csv(analysis: Analysis, path: Path) -> Path:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(frame_columns())
-    nan2 = np.full(2, np.nan)
+    # (T, 6) [smile L, R, eye closure L, R, brow raise L, R]; NaN throughout when not analysable.
+    signals = np.column_stack([trace.signals.get(t, np.full((n, 2), np.nan)) for t in Task])
     for k in range(n):
         task, phase = task_phase(analysis.tasks, k)
         j = k - task.rest_frames[0] if task is not None else -1
         own = task.series[j] if task is not None and 0 <= j < len(task.series) else (np.nan, np.nan)
-        sig = np.concatenate([trace.signals.get(t, np.full((n, 2), np.nan))[k] if trace.signals else nan2
-                              for t in Task])
         writer.writerow([
             k, f"{trace.times[k]:.4f}", int(trace.faces[k]), "true" if trace.usable[k] else "false",
-            _qc(int(trace.faces[k]), bool(trace.usable[k])), *_fmt(trace.pose[k], 2), *_fmt(sig, 5),
+            _qc(int(trace.faces[k]), bool(trace.usable[k])), *_fmt(trace.pose[k], 2), *_fmt(signals[k], 5),
             task.task.value if task else "", phase, *_fmt(np.asarray(own, float), 5),
             *_fmt(trace.points[k].T.ravel(), 2),
         ])
