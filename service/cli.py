@@ -311,7 +311,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise InvalidParameterError(f"--jobs must be 1 or more, got {args.jobs}")
     if args.out is not None:
-        return _analyze_batch(args, console)
+        return _analyze_batch(args)
     from service.research.batch import discover
 
     if len(args.paths) > 2 or any(Path(p).is_dir() or glob.has_magic(p) and not Path(p).exists()
@@ -392,7 +392,7 @@ def _print_result(console: Console, doc: dict[str, Any]) -> None:
         console.print(f"static {name}: left {item['left']:.3f} D, right {item['right']:.3f} D")
 
 
-def _analyze_batch(args: argparse.Namespace, console: Console) -> int:
+def _analyze_batch(args: argparse.Namespace) -> int:
     from service.research.batch import BatchOptions, discover, run_batch
     from service.research.progress import StageProgress
 
@@ -416,7 +416,7 @@ def _analyze_batch(args: argparse.Namespace, console: Console) -> int:
     finally:
         if progress is not None:
             progress.close()
-    said = _console(stderr=True)
+    said = _console(stderr=True)  # a batch's results are files; what it says goes to stderr
     said.print(f"{len(inputs)} input(s): {len(outcome.analysed)} analysed, {len(outcome.reused)} already "
                f"done (skipped), {len(outcome.not_analysable)} not analysable, {len(outcome.unreadable)} "
                f"unreadable; summary: {args.out / 'summary.csv'}", soft_wrap=True, markup=False)
