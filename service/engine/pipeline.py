@@ -25,18 +25,25 @@ from service.engine.landmarks import FaceMeshDetector, TrackBuilder
 from service.engine.pixels import CropStore, track_points_from
 from service.engine.quality import QualityLimits, assess
 from service.engine.scores import GateThresholds, score_task
-from service.errors import NotAnalysableError
+from service.errors import InvalidParameterError, NotAnalysableError
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 #: Told the name of each later stage as it starts ("measuring smile", "grading smile", …), for progress.
 StageListener = Callable[[str], None]
-#: Lucas–Kanade window for the eye contour (crop pixels, D = 64): small, so the still eyeball and skin
-#: around the lid margin do not outvote the lid. On warped closures with known landmark truth (45 %), a
-#: 5-px window read 0.42/0.40 (demo face) and 0.36/0.39 (a validation face), 7 px 0.34/0.37 and 0.28/0.35:
-#: the lids move about one crop pixel on these faces, so every pixel of window that is not lid costs.
-#: On the validity corpus 5 px was better on both splits (README, "Validity").
-EYE_WINDOW_PX = 5
+#: Lucas–Kanade window for the eye contour, in D (5 crop pixels at the default 64 px per D): small, so the
+#: still eyeball and skin around the lid margin do not outvote the lid. On warped closures with known
+#: landmark truth (45 %), a 5-px window read 0.42/0.40 (demo face) and 0.36/0.39 (a validation face), 7 px
+#: 0.34/0.37 and 0.28/0.35: the lids move about one crop pixel on these faces, so every pixel of window
+#: that is not lid costs. On the validity corpus 5 px was better on both splits (README, "Validity").
+EYE_WINDOW_D = 5 / 64
+#: Lucas–Kanade window for the mouth, brows and the stable corners, in D (21 crop pixels at 64 px per D).
+WINDOW_D = 21 / 64
+
+
+def lk_window(window_d: float, crops: CropStore) -> int:
+    """A window of ``window_d`` D in ``crops``' pixels: odd, at least 3."""
+    return max(3, int(round(window_d * crops.eye_distance_px)) | 1)
 
 
 def _default_gates() -> dict[Task, GateThresholds]:
@@ -55,6 +62,9 @@ class EngineParams:
     gates: Mapping[Task, GateThresholds] = field(default_factory=_default_gates)
     quality: QualityLimits = field(default_factory=QualityLimits)
     peak_fraction: float = 0.8
+    #: Scale of the face crops that pixel tracking works in (crop pixels per D); the Lucas–Kanade windows
+    #: are fixed in D (:data:`WINDOW_D`, :data:`EYE_WINDOW_D`) and scale with it. Memory grows with its
+    #: square. 64 is what the validity corpus was measured with (README, "Validity": 96 and 128 measured).
     crop_eye_distance_px: float = 64.0
     pixel_tracking: bool = True
     max_lost_pixel_fraction: float = 0.3
@@ -63,11 +73,18 @@ class EngineParams:
     grader: bool = True
     grader_model_dir: str | None = None  # None: the model shipped in models/
 
+    def __post_init__(self) -> None:
+        if not 32 <= self.crop_eye_distance_px <= 256:
+            raise InvalidParameterError(
+                "crop_eye_distance_px must be in [32, 256] crop pixels per D, "
+                f"got {self.crop_eye_distance_px!r}"
+            )
+
 
 def _landmark_pass(
-    frames: Iterable[Frame], static: bool, progress: Progress | None
+    frames: Iterable[Frame], static: bool, progress: Progress | None, crop_eye_distance_px: float
 ) -> tuple[np.ndarray, np.ndarray, CropStore, int, int, np.ndarray]:
-    crops = CropStore()
+    crops = CropStore(eye_distance_px=crop_eye_distance_px)
     builder: TrackBuilder | None = None
     with FaceMeshDetector(static=static) as det:
         for n, frame in enumerate(frames, 1):
@@ -120,7 +137,9 @@ def analyze_frames(
         (about 6 kB a frame).
     """
     params = params or EngineParams()
-    points, faces, crops, width, height, times = _landmark_pass(frames, static=False, progress=progress)
+    points, faces, crops, width, height, times = _landmark_pass(
+        frames, static=False, progress=progress, crop_eye_distance_px=params.crop_eye_distance_px
+    )
     pose = nz.head_pose(points, width, height) if len(points) else np.zeros((0, 3))
     quality, usable = assess(faces, pose, params.quality)
     trace = FrameTrace(times, faces, usable, pose, points) if keep_trace else None
@@ -144,7 +163,9 @@ def analyze_photos(
     params = params or EngineParams()
     images = [rest] if expression is None else [rest, expression]
     frames = [Frame(i, float(i), img) for i, img in enumerate(images)]
-    points, faces, crops, width, height, _ = _landmark_pass(frames, static=True, progress=None)
+    points, faces, crops, width, height, _ = _landmark_pass(
+        frames, static=True, progress=None, crop_eye_distance_px=params.crop_eye_distance_px
+    )
     pose = nz.head_pose(points, width, height)
     quality, usable = assess(faces, pose, params.quality, still=True)
     if not quality.ok:
@@ -333,7 +354,9 @@ def _pixel_displacements(
     d_crop = d_px * crops.scale
     z = rest3d[:, 2] * crops.scale
     corners = hm.stable_corners(anchor_crop, st_seeds, hm.CORNER_RADIUS_D * d_crop)
-    st_tracked = track_points_from(crops.crops, anchor, lo, hi, corners, window_px=21)
+    st_tracked = track_points_from(
+        crops.crops, anchor, lo, hi, corners, window_px=lk_window(WINDOW_D, crops)
+    )
     st_xy = _nanmedian(st_tracked[rest_rel])
     keep = np.isfinite(st_xy).all(axis=1)  # a corner lost before rest cannot anchor anything
     from_pixels = int(keep.sum()) >= hm.MIN_CORNERS
@@ -341,7 +364,9 @@ def _pixel_displacements(
         st_tracked, st_xy = st_tracked[:, keep], st_xy[keep]
         st_z = hm.depth_at(st_xy, crops.to_crop(rest3d[:468, :2]), z[:468])
     else:  # too little texture: the stable landmarks' own pixels, for scale and shift only
-        st_tracked = track_points_from(crops.crops, anchor, lo, hi, st_seeds, window_px=21)
+        st_tracked = track_points_from(
+            crops.crops, anchor, lo, hi, st_seeds, window_px=lk_window(WINDOW_D, crops)
+        )
         st_xy = _nanmedian(st_tracked[rest_rel])
         keep = np.isfinite(st_xy).all(axis=1)
         st_tracked, st_xy, st_z = st_tracked[:, keep], st_xy[keep], z[stable][keep]
@@ -515,7 +540,7 @@ def _measure(
     candidates: list[tuple[str, np.ndarray]] = []
     head_motion: HeadMotion | None = None
     if params.pixel_tracking:
-        window = EYE_WINDOW_PX if task is Task.EYE_CLOSURE else 21
+        window = lk_window(EYE_WINDOW_D if task is Task.EYE_CLOSURE else WINDOW_D, crops)
         px: np.ndarray | None = None
         measured: tuple[np.ndarray, HeadMotion | None] | None = None
         limit = params.quality.max_head_residual_d

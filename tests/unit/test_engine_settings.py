@@ -53,3 +53,29 @@ def test_the_example_config_file_loads_and_keeps_the_engine_defaults() -> None:
     settings = load_settings(example, env={}).validate()
     assert settings.engine_params == EngineParams()
     assert settings.smile_gate_a1 == 0.08 and settings.max_roll_deg == 20
+
+
+def test_the_crop_scale_reaches_the_crops_and_the_tracking_windows(faces_dir) -> None:  # type: ignore[no-untyped-def]
+    """EngineParams.crop_eye_distance_px sizes the face crops (it once did nothing) and the Lucas–Kanade
+    windows, which are fixed in D, follow it."""
+    from PIL import Image
+
+    from service.domain import Frame
+    from service.engine import pipeline as pl
+
+    rgb = np.asarray(Image.open(faces_dir / "single_face.jpg").convert("RGB"))
+    sizes = {}
+    for px in (64.0, 128.0):
+        crops = pl._landmark_pass([Frame(0, 0.0, rgb)], True, None, px)[2]
+        assert crops.eye_distance_px == px and crops.crops[0] is not None
+        sizes[px] = crops.crops[0].shape
+        assert pl.lk_window(pl.WINDOW_D, crops) == {64.0: 21, 128.0: 43}[px]
+        assert pl.lk_window(pl.EYE_WINDOW_D, crops) == {64.0: 5, 128.0: 11}[px]
+    # The window is 4 × 4.6 D, rounded to whole pixels.
+    assert sizes[64.0] == (294, 256) and sizes[128.0] == (589, 512)
+
+
+@pytest.mark.parametrize("px", [0.0, 16.0, 1000.0])
+def test_an_unusable_crop_scale_is_refused_naming_it(px: float) -> None:
+    with pytest.raises(InvalidParameterError, match="crop_eye_distance_px"):
+        EngineParams(crop_eye_distance_px=px)
