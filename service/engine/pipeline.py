@@ -42,8 +42,9 @@ WINDOW_D = 21 / 64
 
 
 def lk_window(window_d: float, crops: CropStore) -> int:
-    """A window of ``window_d`` D in ``crops``' pixels: odd, at least 3."""
-    return max(3, int(round(window_d * crops.eye_distance_px)) | 1)
+    """A window of ``window_d`` D in ``crops``' pixels: the odd number nearest below or at it (+1 when it is
+    even), at least 3."""
+    return max(3, 2 * int(window_d * crops.eye_distance_px / 2 + 1e-9) + 1)
 
 
 def _default_gates() -> dict[Task, GateThresholds]:

@@ -8,9 +8,11 @@ shift, all relative to the clip's own frame k (so a clip without motion is retur
 * yaw and pitch are made physical by rendering the face as the textured FaceMesh 3-D mesh: the 468
   mesh points of the frame (x, y and FaceMesh depth z, in pixels) are rotated about the face's centroid
   and projected orthographically, and each Delaunay triangle of the mesh is texture-mapped (piecewise
-  affine) from the frame to its new place, nearer triangles painted over farther ones. Outside the face
-  oval the picture follows the 2-D similarity only, so a seam can show at the face outline under yaw and
-  pitch — the face itself, where everything is measured, is a rigid 3-D turn of the frame's face.
+  affine) from the frame to its new place, nearer triangles painted over farther ones; the eye openings
+  and the mouth, holes in MediaPipe's tessellation, are closed by fans so their interior turns too
+  (:func:`_triangles`). Outside the face oval the picture follows the 2-D similarity only, so a seam can
+  show at the face outline under yaw and pitch — the face itself, where everything is measured, is a
+  rigid 3-D turn of the frame's face.
 
 Truth: the head motion is rigid, so the expression's truth (per-side amplitudes in the head's frame,
 freeze-half sides) is unchanged; the head pose per frame is recorded with it. The depth comes from
@@ -94,7 +96,7 @@ def rotation(yaw_deg: float, pitch_deg: float, roll_deg: float) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _triangles() -> np.ndarray:
+def _tessellation() -> np.ndarray:
     """(M, 3) triangles over the 468 mesh points: the faces of MediaPipe's tessellation (its 3-cycles
     that are faces: every tessellation triangle is one), as index triples."""
     from mediapipe.python.solutions import face_mesh_connections as fmc
@@ -108,6 +110,58 @@ def _triangles() -> np.ndarray:
         for a in adj for b in adj[a] if b > a for c in adj[a] & adj[b] if c > b
     }
     return np.array(sorted(tris), dtype=np.int32)
+
+
+@lru_cache(maxsize=1)
+def holes() -> tuple[tuple[int, ...], ...]:
+    """The tessellation's holes — the two eye openings and the mouth — each an ordered ring of mesh
+    indices: every boundary loop of the mesh except the face outline (the longest)."""
+    edges: dict[tuple[int, int], int] = {}
+    for tri in _tessellation():
+        for a, b in ((tri[0], tri[1]), (tri[1], tri[2]), (tri[0], tri[2])):
+            key = (int(min(a, b)), int(max(a, b)))
+            edges[key] = edges.get(key, 0) + 1
+    nbrs: dict[int, list[int]] = {}
+    for (a, b), n in edges.items():
+        if n == 1:  # an edge of one triangle only lies on a boundary
+            nbrs.setdefault(a, []).append(b)
+            nbrs.setdefault(b, []).append(a)
+    loops, seen = [], set()
+    for start in sorted(nbrs):
+        if start in seen:
+            continue
+        loop, prev, cur = [start], -1, start
+        seen.add(start)
+        while nxt := [v for v in nbrs[cur] if v != prev and v not in seen]:
+            prev, cur = cur, nxt[0]
+            loop.append(cur)
+            seen.add(cur)
+        loops.append(tuple(loop))
+    loops.sort(key=len)
+    return tuple(loops[:-1])
+
+
+@lru_cache(maxsize=1)
+def _triangles() -> np.ndarray:
+    """(M, 3) triangles of the rendered head: the tessellation, plus each hole (:func:`holes`) closed by
+    a fan from a virtual vertex at its centroid (index 468 + hole number; :func:`_with_hole_centres`).
+
+    Why the holes are closed: the tessellation has no triangles across the eye openings and the mouth, so
+    a turn rendered from it alone painted the eyes' and mouth's interior from the flat 2-D picture while
+    the lids and lips around them turned in 3-D: under ±10° of yaw and pitch a still eye's opening shrank
+    by up to a fifth at its seam, which read as eye closure (measured on warp phantoms with one eye
+    frozen). Closed, what lies inside an opening turns with the head like the rest of the face."""
+    fans = [
+        (468 + h, ring[i], ring[(i + 1) % len(ring)])
+        for h, ring in enumerate(holes()) for i in range(len(ring))
+    ]
+    return np.vstack([_tessellation(), np.array(fans, dtype=np.int32)])
+
+
+def _with_hole_centres(mesh: np.ndarray) -> np.ndarray:
+    """(468, 3) mesh points → (468 + holes, 3): each hole's centroid appended (the fans' apex)."""
+    centres = [mesh[list(ring)].mean(axis=0) for ring in holes()]
+    return np.vstack([mesh, np.array(centres)])
 
 
 def _similarity(centre: np.ndarray, scale: float, roll_deg: float, shift_px: np.ndarray) -> np.ndarray:
@@ -137,8 +191,8 @@ def move_head(
     if not out_of_plane:
         return background
     assert landmarks is not None
-    src = np.asarray(landmarks[:468], dtype=np.float64)
-    c3 = src.mean(axis=0)
+    src = _with_hole_centres(np.asarray(landmarks[:468], dtype=np.float64))
+    c3 = src[:468].mean(axis=0)  # the face's centroid (not the holes' centres)
     # Roll, scale and shift as in the 2-D similarity (same sign convention), yaw/pitch in 3-D.
     rot = rotation(pose["yaw"], pose["pitch"], pose["roll"])
     dst = pose["scale"] * (src - c3) @ rot.T + c3

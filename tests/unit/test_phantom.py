@@ -351,3 +351,32 @@ def test_freeze_half_refuses_an_amplitude_outside_0_1(tmp_path: Path, amplitude:
     with pytest.raises(InvalidParameterError, match="amplitude"):
         freeze_half(FACE_MP4, "left", tmp_path / "x.mp4", amplitude=amplitude)
 
+
+
+def test_a_turn_moves_the_eyes_and_mouth_interior_with_the_head(face) -> None:
+    """The tessellation has holes at the eyes and the mouth; the renderer closes them, so what lies
+    inside an opening turns with the head (before, it stayed where the flat 2-D picture put it and a
+    still eye's opening shrank at the seam, read as eye closure)."""
+    from service.phantom.head import holes, move_head, rotation
+
+    assert sorted(len(h) for h in holes()) == [16, 16, 20]  # two eye rings and the inner lips
+    pose = {"roll": 0.0, "yaw": 10.0, "pitch": -10.0, "scale": 1.0, "shift_x": 0.0, "shift_y": 0.0}
+    turned = move_head(face.rgb, face.landmarks, pose, face.eye_distance).astype(np.float64)
+    mesh = face.landmarks[:468].astype(np.float64)
+    c3 = mesh.mean(axis=0)
+    rot = rotation(10.0, -10.0, 0.0)
+    r = max(2, int(round(0.02 * face.eye_distance)))
+    moves = []
+    for ring in [h for h in holes() if len(h) == 16]:  # the eye openings (this photo's mouth is closed)
+        centre = mesh[list(ring)].mean(axis=0)
+        moved = (centre - c3) @ rot.T + c3
+        x0, y0 = np.round(centre[:2]).astype(int)
+        x1, y1 = np.round(moved[:2]).astype(int)
+        src = face.rgb[y0 - r : y0 + r + 1, x0 - r : x0 + r + 1].astype(np.float64)
+        dst = turned[y1 - r : y1 + r + 1, x1 - r : x1 + r + 1]
+        flat = turned[y0 - r : y0 + r + 1, x0 - r : x0 + r + 1]  # where the flat picture would leave it
+        assert np.abs(dst - src).mean() < 12.0  # the opening's content is where the turn takes it
+        gain = np.abs(flat - src).mean() - np.abs(dst - src).mean()
+        moves.append((float(np.abs(moved[:2] - centre[:2]).max()), float(gain)))
+    far = max(moves)  # the eye that the turn moves most (the other lies near the rotation's centre)
+    assert far[0] > 3.0 and far[1] > 0
