@@ -355,9 +355,8 @@ def _pixel_displacements(
     d_crop = d_px * crops.scale
     z = rest3d[:, 2] * crops.scale
     corners = hm.stable_corners(anchor_crop, st_seeds, hm.CORNER_RADIUS_D * d_crop)
-    st_tracked = track_points_from(
-        crops.crops, anchor, lo, hi, corners, window_px=lk_window(WINDOW_D, crops)
-    )
+    stable_window = lk_window(WINDOW_D, crops)
+    st_tracked = track_points_from(crops.crops, anchor, lo, hi, corners, window_px=stable_window)
     st_xy = _nanmedian(st_tracked[rest_rel])
     keep = np.isfinite(st_xy).all(axis=1)  # a corner lost before rest cannot anchor anything
     from_pixels = int(keep.sum()) >= hm.MIN_CORNERS
@@ -365,9 +364,7 @@ def _pixel_displacements(
         st_tracked, st_xy = st_tracked[:, keep], st_xy[keep]
         st_z = hm.depth_at(st_xy, crops.to_crop(rest3d[:468, :2]), z[:468])
     else:  # too little texture: the stable landmarks' own pixels, for scale and shift only
-        st_tracked = track_points_from(
-            crops.crops, anchor, lo, hi, st_seeds, window_px=lk_window(WINDOW_D, crops)
-        )
+        st_tracked = track_points_from(crops.crops, anchor, lo, hi, st_seeds, window_px=stable_window)
         st_xy = _nanmedian(st_tracked[rest_rel])
         keep = np.isfinite(st_xy).all(axis=1)
         st_tracked, st_xy, st_z = st_tracked[:, keep], st_xy[keep], z[stable][keep]
