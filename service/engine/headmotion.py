@@ -222,18 +222,35 @@ CORNER_RADIUS_D = 0.2
 
 
 def stable_corners(
-    crop: np.ndarray, centres: np.ndarray, radius_px: float, max_corners: int = 80
+    crop: np.ndarray,
+    centres: np.ndarray,
+    radius_px: float,
+    max_corners: int = 80,
+    *,
+    outline: np.ndarray | None = None,
+    margin_px: float = 0.0,
 ) -> np.ndarray:
-    """Shi–Tomasi corners (K, 2) of a grey ``crop`` within ``radius_px`` of the (N, 2) ``centres``.
+    """Shi–Tomasi corners (K, 2) of a grey ``crop`` within ``radius_px`` of the (N, 2) ``centres`` and,
+    with ``outline`` (M, 2) the face's outline polygon (:data:`service.engine.normalize.FACE_OVAL`, crop
+    pixels), at least ``margin_px`` inside it.
 
     Why corners and not the stable landmarks themselves: the skin under a landmark is often smooth (a
     forehead: measured Shi–Tomasi eigenvalue ≈ 0 on a real clip), where a Lucas–Kanade point sticks to
     the crop instead of following the skin and under-reads roll; a corner beside it tracks.
+    Why inside the outline: several stable landmarks (forehead top, temples) lie ON it, and the texture
+    just beyond is hair, which slides, or background, which stays where it is when the head turns: a
+    hairline corner there tracked little of a rendered 18° yaw and pulled the fit to the mesh's 7°
+    (README, "Validity"). The margin keeps the tracking window on the face too.
     """
     mask = np.zeros(crop.shape[:2], np.uint8)
     for c in centres:
         if np.isfinite(c).all():
             cv2.circle(mask, (int(round(c[0])), int(round(c[1]))), max(1, int(round(radius_px))), (255,), -1)
+    if outline is not None and np.isfinite(outline).all():
+        face = np.zeros(crop.shape[:2], np.uint8)
+        cv2.fillPoly(face, [np.round(outline).astype(np.int32)], (255,))
+        inside = cv2.distanceTransform(face, cv2.DIST_L2, 5) >= max(margin_px, 1.0)
+        mask[~inside] = 0
     found = cv2.goodFeaturesToTrack(crop, max_corners, 0.01, 3, mask=mask)
     return np.zeros((0, 2)) if found is None else found.reshape(-1, 2).astype(np.float64)
 

@@ -100,6 +100,12 @@ LIPS: tuple[int, ...] = tuple(_REGIONS["lips"])
 #: is the mirror of the left one point for point (``MIRROR[LEFT_EYE_CONTOUR] == RIGHT_EYE_CONTOUR``).
 LEFT_EYE_CONTOUR: tuple[int, ...] = tuple(_REGIONS["left_eye_contour"])
 RIGHT_EYE_CONTOUR: tuple[int, ...] = tuple(_REGIONS["right_eye_contour"])
+#: The face's outline (MediaPipe's FACEMESH_FACE_OVAL): 36 points ORDERED around it from the forehead top
+#: (10), so they make a polygon; inside it the picture is the face's own surface (no hair, no background).
+FACE_OVAL: tuple[int, ...] = (
+    10, 109, 67, 103, 54, 21, 162, 127, 234, 93, 132, 58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378,
+    379, 365, 397, 288, 361, 323, 454, 356, 389, 251, 284, 332, 297, 338,
+)
 #: Mesh points on the facial midline (fixed by MIRROR), and each side's points (iris included).
 MIDLINE: tuple[int, ...] = tuple(_REGIONS["midline"])
 LEFT_HALF: tuple[int, ...] = tuple(_REGIONS["left_half"])

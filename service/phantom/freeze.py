@@ -22,9 +22,9 @@ import cv2
 import numpy as np
 
 from service.domain import Side
+from service.engine.normalize import FACE_OVAL
 from service.errors import InvalidParameterError, NotAnalysableError, UnreadableInputError
 from service.phantom import motion as mfields
-from service.phantom.warp import _face_oval_cycle
 
 
 def freeze_mask(
@@ -57,7 +57,7 @@ def freeze_mask(
     side = mfields._check_side(side)
     h, w = shape
     xy = np.asarray(landmarks, dtype=np.float64)[:, :2]
-    oval = xy[list(_face_oval_cycle())]
+    oval = xy[list(FACE_OVAL)]
     c = oval.mean(axis=0)
     poly = np.round(c + dilate * (oval - c)).astype(np.int32)
     region = np.zeros((h, w), np.uint8)

@@ -17,22 +17,15 @@ non-negligible.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import cv2
 import numpy as np
 from scipy.interpolate import RBFInterpolator
 
+from service.engine.normalize import FACE_OVAL
+
 #: Below this many pixels of displacement (at full amplitude) a pixel is treated as still.
 STILL_PX = 0.02
-
-
-@lru_cache(maxsize=1)
-def _face_oval_cycle() -> tuple[int, ...]:
-    """The 36 FACEMESH_FACE_OVAL landmark indices in cycle order (the connection set is unordered)."""
-    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_FACE_OVAL
-
-    return _cycle(FACEMESH_FACE_OVAL)
 
 
 def _cycle(edges: frozenset[tuple[int, int]]) -> tuple[int, ...]:
@@ -80,7 +73,7 @@ def face_ring_anchors(landmarks: np.ndarray, *, scale: float = 1.25, n: int = 24
     np.ndarray
         (n, 2) float64 pixel coordinates (some may lie outside the image; that is harmless).
     """
-    oval = np.asarray(landmarks, dtype=np.float64)[list(_face_oval_cycle()), :2]
+    oval = np.asarray(landmarks, dtype=np.float64)[list(FACE_OVAL), :2]
     centre = oval.mean(axis=0)
     return _resample_closed(centre + scale * (oval - centre), n)
 
@@ -102,7 +95,7 @@ def face_support(
         (H, W) float32 in [0, 1].
     """
     h, w = shape[:2]
-    oval = np.asarray(landmarks, dtype=np.float64)[list(_face_oval_cycle()), :2]
+    oval = np.asarray(landmarks, dtype=np.float64)[list(FACE_OVAL), :2]
     c = oval.mean(axis=0)
     ang = np.arctan2(oval[:, 1] - c[1], oval[:, 0] - c[0])
     rad = np.hypot(oval[:, 0] - c[0], oval[:, 1] - c[1])

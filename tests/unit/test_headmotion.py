@@ -127,3 +127,18 @@ def test_pixels_correct_a_mesh_that_under_reads_a_head_turn() -> None:
     err_mesh = np.abs(mesh_only[1] - measured[:, :2]).max()
     assert err_fixed < 0.5  # px, on a 100-px D: first order in the 6° the mesh missed
     assert err_mesh > 4 * err_fixed
+
+
+def test_stable_corners_stay_inside_the_face_outline_by_the_margin() -> None:
+    """Texture beyond the face's outline (hair, background) does not turn with the head: no corner there,
+    nor within the margin inside it; without an outline every textured place near a centre counts."""
+    rng = np.random.default_rng(3)
+    crop = (rng.uniform(0, 255, size=(120, 160)) > 127).astype(np.uint8) * 255  # texture everywhere
+    crop = np.kron(crop[:60, :80], np.ones((2, 2), np.uint8))
+    centres = np.array([[80.0, 60.0]])
+    outline = np.array([[0.0, 0.0], [80.0, 0.0], [80.0, 119.0], [0.0, 119.0]])  # the image's left half
+    free = hm.stable_corners(crop, centres, 40.0, max_corners=400)
+    kept = hm.stable_corners(crop, centres, 40.0, max_corners=400, outline=outline, margin_px=10.0)
+    assert (free[:, 0] > 95).sum() > 10 and (free[:, 0] < 65).sum() > 10
+    assert len(kept) > 10
+    assert kept[:, 0].max() <= 80 - 10 + 1  # inside the outline by the margin (distance transform: ±1 px)

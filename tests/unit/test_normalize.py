@@ -208,6 +208,13 @@ def test_eye_contours_walk_the_eye_cycle(contour, conn):
     assert tuple(int(nz.MIRROR[v]) for v in nz.LEFT_EYE_CONTOUR) == nz.RIGHT_EYE_CONTOUR
 
 
+def test_face_oval_walks_the_outline_cycle_and_is_its_own_mirror():
+    oval = nz.FACE_OVAL
+    assert len(oval) == 36 and len(set(oval)) == 36
+    assert {frozenset((oval[i], oval[(i + 1) % 36])) for i in range(36)} == _edges(fmc.FACEMESH_FACE_OVAL)
+    assert set(int(nz.MIRROR[v]) for v in oval) == set(oval)
+
+
 def test_reflection_error_on_a_real_face_is_small(face_points):
     # Reflect the real face across its best-fit 3-D symmetry plane given the pairing: each point must
     # land near its partner. A wrong pair costs a mesh spacing (~0.05-0.1 D) or much more.
