@@ -354,10 +354,10 @@ def _pixel_displacements(
     e, u, d_px = _face_axes(rest3d)
     d_crop = d_px * crops.scale
     z = rest3d[:, 2] * crops.scale
-    stable_window = lk_window(WINDOW_D, crops)
     # Not restricted to the face's outline (hm.stable_corners(outline=...)): measured to fix a turned
     # smile's fit but to push single_face.mp4 over the healthy bar (README, "Stable corners inside ...").
     corners = hm.stable_corners(anchor_crop, st_seeds, hm.CORNER_RADIUS_D * d_crop)
+    stable_window = lk_window(WINDOW_D, crops)
     st_tracked = track_points_from(crops.crops, anchor, lo, hi, corners, window_px=stable_window)
     st_xy = _nanmedian(st_tracked[rest_rel])
     keep = np.isfinite(st_xy).all(axis=1)  # a corner lost before rest cannot anchor anything

@@ -102,4 +102,3 @@ def test_symmetric_eye_closure_under_yaw_and_pitch_reads_symmetric(made) -> None
     closure = _task(doc, Task.EYE_CLOSURE)
     assert closure["asymmetry_index"] <= 0.15
     assert closure["head_motion"]["yaw_deg"] > 3.0 or closure["head_motion"]["pitch_deg"] > 3.0
-
