@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --freeze-half: fraction of that half's motion kept (0 <= A < 1; 0: frozen)")
     ph.add_argument("--in-head-frame", action="store_true",
                     help="with --freeze-half: the frozen half moves rigidly with the clip's head, as a "
-                    "palsied half does (amplitude 0)")
+                    "palsied half does (with --amplitude: it keeps that part of its motion relative to "
+                    "the head)")
     for axis, unit in (("roll", "degrees"), ("yaw", "degrees"), ("pitch", "degrees"), ("scale", "percent"),
                        ("shift", "inter-eye distances")):
         ph.add_argument(f"--{axis}", type=float, default=0.0, metavar="AMPLITUDE",

@@ -8,7 +8,10 @@ With an ``amplitude`` between 0 and 1 the half is not frozen but keeps that frac
 partial palsy on real video): each frame's half is resampled part of the way back toward the first frame
 along the dense optical flow first frame → this frame. That is first order and only as good as the flow:
 where the mouth opens and teeth appear the flow is unreliable, so the imposed amplitude is approximate
-(on ``single_face.mp4`` a half at 0.5 reads ~0.35 of its unscaled motion, at 0.2 ~0.1–0.2).
+(on ``single_face.mp4`` a half at 0.5 reads ~0.35 of its unscaled motion, at 0.2 ~0.1–0.2). In the
+image's frame that also scales the head's own motion on that half, which no palsy does, and an engine
+that removes the head's motion then reads both sides off; ``in_head_frame`` keeps the head's motion whole
+and scales only the expression's (:func:`freeze_frames_in_head_frame`).
 """
 
 from __future__ import annotations
@@ -121,21 +124,19 @@ def _upper_face_corners(gray: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     return np.zeros((0, 2), np.float32) if pts is None else pts.reshape(-1, 2).astype(np.float32)
 
 
-def freeze_frames_in_head_frame(
-    frames: Iterator[np.ndarray], reference: np.ndarray, mask: np.ndarray, ref_landmarks: np.ndarray
-) -> Iterator[np.ndarray]:
-    """Like :func:`freeze_frames`, but the frozen half moves RIGIDLY WITH THE HEAD, as a palsied half does.
+def head_similarities(
+    frames: Iterator[np.ndarray], reference: np.ndarray, ref_landmarks: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each (H, W, 3) frame with the head's 2-D similarity (2×3) from ``reference`` to it.
 
     The head's motion since ``reference`` is read from the pixels of the upper face (forehead, temples,
     brows, nasal bridge: still during a smile): Shi–Tomasi corners found there in ``reference``
     (``ref_landmarks`` (478, 3) px outline the region) are tracked frame to frame by Lucas–Kanade with a
-    forward–backward check, and a RANSAC 2-D similarity reference → frame carries the reference pixels and
-    the mask along before blending. Not FaceMesh's landmarks: their fit follows the expression (measured
-    on ``single_face.mp4``: −4 % "scale" at the smile's peak), which would move the frozen half. Not the
-    engine's estimator either (landmark-seeded points, mesh rotation), so the truth does not borrow it.
-    Frames where the fit fails reuse the last motion.
+    forward–backward check, and a RANSAC 2-D similarity reference → frame is fitted. Not FaceMesh's
+    landmarks: their fit follows the expression (measured on ``single_face.mp4``: −4 % "scale" at the
+    smile's peak). Not the engine's estimator either (corners near the stable landmarks, mesh rotation),
+    so the truth does not borrow it. Frames where the fit fails reuse the last motion.
     """
-    h, w = mask.shape
     ref_gray = cv2.cvtColor(reference, cv2.COLOR_RGB2GRAY)
     src = _upper_face_corners(ref_gray, ref_landmarks)
     cur, prev = src.copy(), ref_gray
@@ -160,11 +161,42 @@ def freeze_frames_in_head_frame(
                 if fit is not None:
                     sim = fit
         prev = gray
+        yield f, sim
+
+
+def freeze_frames_in_head_frame(
+    frames: Iterator[np.ndarray],
+    reference: np.ndarray,
+    mask: np.ndarray,
+    ref_landmarks: np.ndarray,
+    amplitude: float = 0.0,
+) -> Iterator[np.ndarray]:
+    """Like :func:`freeze_frames`, but the frozen half moves RIGIDLY WITH THE HEAD, as a palsied half does.
+
+    The head's similarity per frame (:func:`head_similarities`) carries the reference pixels and the mask
+    along before blending. With ``amplitude`` in (0, 1) the half keeps that fraction of its motion
+    RELATIVE TO THE HEAD (a partial palsy: the head's own motion is kept whole): out(y) =
+    frame(y + (1 − amplitude) · G(y)), G the DIS flow from the head-carried reference to the frame, i.e.
+    the expression's motion alone (first order, as :func:`scale_frames`).
+    """
+    h, w = mask.shape
+    dis = cv2.DISOpticalFlow.create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    back = np.float32(1.0 - amplitude)
+    for f, sim in head_similarities(frames, reference, ref_landmarks):
         ref = cv2.warpAffine(
             reference, sim, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )
         m = cv2.warpAffine(mask, sim, (w, h), flags=cv2.INTER_LINEAR)
-        yield next(freeze_frames(iter([f]), ref, m))
+        if amplitude == 0.0:
+            yield next(freeze_frames(iter([f]), ref, m))
+            continue
+        gray = cv2.cvtColor(f, cv2.COLOR_RGB2GRAY)
+        flow = np.asarray(dis.calc(cv2.cvtColor(ref, cv2.COLOR_RGB2GRAY), gray, None))  # type: ignore[call-overload]
+        moved = cv2.remap(f, xx + back * flow[..., 0], yy + back * flow[..., 1], cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+        mm = m[..., None]
+        yield np.rint(moved.astype(np.float32) * mm + f.astype(np.float32) * (1.0 - mm)).astype(np.uint8)
 
 
 def decode_clip(path: Path) -> tuple[Generator[np.ndarray, None, None], float, int, int]:
@@ -219,7 +251,8 @@ def freeze_half(
         Fraction of the half's motion kept, in [0, 1): 0 freezes it (exact first-frame pixels).
     in_head_frame
         Freeze the half in the HEAD's frame (it follows the clip's own head motion rigidly,
-        :func:`freeze_frames_in_head_frame`) instead of the image's; amplitude must be 0.
+        :func:`freeze_frames_in_head_frame`) instead of the image's; with ``amplitude`` it keeps that
+        fraction of its motion relative to the head (the head's own motion whole).
     head_motion
         A :class:`service.phantom.head.HeadMotionSpec` laid over the result (the frozen half moves with
         the head, as a palsied half does), or None.
@@ -235,8 +268,6 @@ def freeze_half(
         raise InvalidParameterError(f"fmt must be 'mp4' or 'dicom', got {fmt!r}")
     if not 0.0 <= amplitude < 1.0:
         raise InvalidParameterError(f"amplitude must be in [0, 1) (0: frozen), got {amplitude}")
-    if in_head_frame and amplitude:
-        raise InvalidParameterError("in_head_frame freezes the half (amplitude 0); got amplitude {amplitude}")
     clip_path, out_path = Path(clip_path), Path(out_path)
     frames, fps, w, h = decode_clip(clip_path)
     try:
@@ -258,7 +289,7 @@ def freeze_half(
 
     def counted() -> Iterator[np.ndarray]:
         if in_head_frame:
-            blended = freeze_frames_in_head_frame(all_frames(), first, mask, lm)
+            blended = freeze_frames_in_head_frame(all_frames(), first, mask, lm, amplitude)
         elif amplitude == 0.0:
             blended = freeze_frames(all_frames(), first, mask)
         else:

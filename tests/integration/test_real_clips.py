@@ -71,8 +71,10 @@ def test_freeze_half_names_the_frozen_side(faces_dir: Path, tmp_path: Path, side
 
 
 def test_a_half_keeping_part_of_its_motion_reads_weaker_in_order(faces_dir: Path, tmp_path: Path) -> None:
-    """A partial palsy on real video: one half keeps 0.5 or 0.2 of its motion (flow-scaled, approximate).
-    That half is named weaker, and reads less than unscaled, and less at 0.2 than at 0.5."""
+    """A partial palsy on real video: one half keeps 0.5 or 0.2 of its motion relative to the head
+    (flow-scaled in the head's frame, approximate). That half is named weaker, and reads less than
+    unscaled, and less at 0.2 than at 0.5. In the image's frame the phantom would scale the head's own
+    motion on that half too, which no palsy does (it moved the other side's reading by a quarter)."""
     from service.phantom import freeze_half
 
     _, doc = _analyze(tmp_path, str(faces_dir / "single_face.mp4"), "--task", Task.SMILE.value)
@@ -81,8 +83,10 @@ def test_a_half_keeping_part_of_its_motion_reads_weaker_in_order(faces_dir: Path
         read = {}
         for amplitude in (0.5, 0.2):
             clip = tmp_path / f"{side.value}_{amplitude}.mp4"
-            truth = freeze_half(faces_dir / "single_face.mp4", side, clip, amplitude=amplitude)
+            truth = freeze_half(faces_dir / "single_face.mp4", side, clip, amplitude=amplitude,
+                                in_head_frame=True)
             assert truth["amplitude"] == amplitude and truth["expected_weaker_side"] == side.value
+            assert truth["in_head_frame"]
             _, doc = _analyze(tmp_path, str(clip), "--task", Task.SMILE.value)
             smile = doc["tasks"][0]
             assert smile["weaker_side"] == side.value, (side, amplitude, smile)

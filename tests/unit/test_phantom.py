@@ -346,6 +346,35 @@ def test_scale_frames_keeps_the_asked_fraction_of_a_known_shift() -> None:
     assert np.array_equal(out[:, 100:], shifted[:, 100:])  # mask 0: the frame as it was
 
 
+def test_a_partial_half_in_the_heads_frame_keeps_the_head_motion_and_part_of_the_expression() -> None:
+    """The head shifts everything by 4 px; inside the half the expression adds 6 px more. At amplitude
+    0.5 in the head's frame the half keeps the head's 4 px whole and half the expression's: 7 px (the
+    image-frame phantom would halve the head's part too: 5 px)."""
+    from service.phantom.freeze import _UPPER_FACE, freeze_frames_in_head_frame
+
+    rng = np.random.default_rng(5)
+    base = cv2.GaussianBlur(rng.uniform(0, 255, (160, 200)).astype(np.float32), (0, 0), 2.0)
+    ref = np.repeat(cv2.normalize(base, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)[..., None], 3, axis=2)
+    lm = np.zeros((478, 3))
+    ring = np.linspace(0.0, 2.0 * np.pi, len(_UPPER_FACE), endpoint=False)
+    lm[list(_UPPER_FACE), 0] = 100 + 70 * np.cos(ring)  # the upper face: the top of the picture
+    lm[list(_UPPER_FACE), 1] = 40 + 25 * np.sin(ring)
+    frame = np.roll(ref, 4, axis=1)
+    frame[90:150, 20:110] = np.roll(ref, 10, axis=1)[90:150, 20:110]
+    mask = np.zeros((160, 200), np.float32)
+    mask[80:160, 0:120] = 1.0
+    (out,) = freeze_frames_in_head_frame(iter([frame]), ref, mask, lm, amplitude=0.5)
+    inner = (slice(105, 135), slice(45, 85))
+
+    def mad(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a[inner].astype(int) - b[inner].astype(int)).mean())
+
+    assert mad(out, np.roll(ref, 7, axis=1)) < 4
+    assert mad(out, np.roll(ref, 5, axis=1)) > 2 * mad(out, np.roll(ref, 7, axis=1))
+    assert mad(out, frame) > 10
+    assert np.array_equal(out[:70], frame[:70])  # mask 0: the frame as it was
+
+
 @pytest.mark.parametrize("amplitude", [-0.1, 1.0, 1.5])
 def test_freeze_half_refuses_an_amplitude_outside_0_1(tmp_path: Path, amplitude: float) -> None:
     with pytest.raises(InvalidParameterError, match="amplitude"):
