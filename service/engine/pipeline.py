@@ -337,8 +337,9 @@ def _pixel_displacements(
     The points are seeded where FaceMesh puts the landmarks in frame ``anchor`` and tracked both ways
     through frames ``lo``..``hi``; rest is the median over ``rest_rel`` (relative to ``lo``). The head's
     rigid motion is removed before any displacement is taken (:mod:`service.engine.headmotion`): the
-    mesh's rotation, refined on Shi–Tomasi corners found near the task's stable landmarks in the anchor
-    crop and tracked through the segment (their depth interpolated from the mesh at rest).
+    mesh's rotation, refined on Shi–Tomasi corners found near the task's stable landmarks, inside the
+    face's outline, in the anchor crop and tracked through the segment (their depth interpolated from
+    the mesh at rest).
     """
     if crops.scale is None:
         return None
@@ -354,9 +355,10 @@ def _pixel_displacements(
     e, u, d_px = _face_axes(rest3d)
     d_crop = d_px * crops.scale
     z = rest3d[:, 2] * crops.scale
-    # Not restricted to the face's outline (hm.stable_corners(outline=...)): measured to fix a turned
-    # smile's fit but to push single_face.mp4 over the healthy bar (README, "Stable corners inside ...").
-    corners = hm.stable_corners(anchor_crop, st_seeds, hm.CORNER_RADIUS_D * d_crop)
+    # Only inside the face's outline: hairline and background corners do not turn with the head (README,
+    # "Stable corners inside the face's outline").
+    outline = crops.to_crop(pts[anchor, list(nz.FACE_OVAL), :2])
+    corners = hm.stable_corners(anchor_crop, st_seeds, hm.CORNER_RADIUS_D * d_crop, outline=outline)
     stable_window = lk_window(WINDOW_D, crops)
     st_tracked = track_points_from(crops.crops, anchor, lo, hi, corners, window_px=stable_window)
     st_xy = _nanmedian(st_tracked[rest_rel])
