@@ -44,9 +44,10 @@ def _task(doc: dict, task: Task) -> dict:
 
 
 def test_five_degrees_of_roll_do_not_change_a_healthy_real_smile(made) -> None:
-    """The issue asks for AI < 0.3 here; the still clip itself reads ~0.32 in the head's frame (0.29 on
-    the translation-only engine of 67dff70), so what is pinned is that the roll adds nothing: the moving
-    clip reads within 0.08 of the still one (67dff70: 0.72 against 0.29)."""
+    """The issue asks for AI < 0.3 here; the still clip itself reads 0.33–0.35 in the corpus (re-encoded)
+    in the head's frame (0.29 on the translation-only engine of 67dff70), and the rolled one 0.30, so what
+    is pinned is that the roll adds nothing: the moving clip reads within 0.08 of the still one (67dff70:
+    0.72 against 0.29)."""
     _, still = made("single_face-healthy-off")
     _, moving = made("single_face-healthy-roll5")
     a, b = _task(still, Task.SMILE), _task(moving, Task.SMILE)
