@@ -8,7 +8,8 @@ Makes the corpus in DIR (default ``.bench/validity``; kept, so later runs only a
 case with this checkout's engine and prints, per case, truth vs measured AI, CI and weaker side, then per
 split (tune / validation) and head motion (off / on): median |ΔAI| and its 90th percentile, side
 accuracy (truth AI ≥ 0.3), symmetric false alarms (AI > 0.15), healthy-real false alarms (AI ≥ 0.3) and
-frozen halves found by ``--task auto`` (smile found, AI ≥ 0.8, frozen side named).
+frozen halves found by ``--task auto`` (smile found, AI ≥ 0.8, frozen side named) and the weaker side of
+real-clip partial palsies (one half at 0.5 of its motion, ``--task auto``; no exact AI).
 
 ``--baseline-root`` analyses the same files with another checkout's engine too (e.g. a ``git worktree``
 of an older commit) and prints its summary beside. ``--quick`` runs a small subset.
@@ -83,6 +84,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, str]:
     healthy = [r for r in rows if r["kind"] == "healthy"]
     frozen = [r for r in rows if r["kind"] == "freeze"]
     found = [r for r in frozen if r["ai"] is not None and r["ai"] >= 0.8 and r["weaker"] == r["truth_weaker"]]
+    partial = [r for r in rows if r["kind"] == "partial"]
     worst_sym = max((r["ai"] or 0.0 for r in sym), default=float("nan"))
     return {
         "cases": str(len(rows)),
@@ -92,6 +94,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, str]:
         "sym AI>0.15": f"{sum((r['ai'] or 0.0) > 0.15 for r in sym)}/{len(sym)} (max {worst_sym:.2f})",
         "healthy AI≥0.3": f"{sum(r['ai'] is None or r['ai'] >= 0.3 for r in healthy)}/{len(healthy)}",
         "frozen found": f"{len(found)}/{len(frozen)}",
+        "partial side right": f"{sum(r['weaker'] == r['truth_weaker'] for r in partial)}/{len(partial)}",
         "sym graded I–II": f"{sum(_mild(r.get('grade')) for r in sym)}/{len(sym)}",
     }
 

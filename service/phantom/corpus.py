@@ -21,6 +21,10 @@ Kinds of case and how their truth is defined:
 * ``freeze``: a real clip with one half of the face frozen IN THE HEAD'S FRAME (the half moves rigidly with
   the head, as a palsied half does; :func:`service.phantom.freeze.freeze_half`): truth AI 1, the frozen
   side weaker. Analysed with ``--task auto``: the movement must be found as well as measured.
+* ``partial``: a real clip with one half keeping :data:`PARTIAL` of its motion relative to the head (a
+  partial palsy; flow-scaled in the head's frame, :func:`service.phantom.freeze.freeze_half`). No exact
+  AI (the flow is approximate and a real smile is not exactly symmetric to begin with): the truth is the
+  weaker side only. Analysed with ``--task auto`` too.
 
 Head motion (:mod:`service.phantom.head`) is laid over any case: rigid, so it leaves the truth unchanged.
 ``MOTIONS`` lists the variants; ``off`` is the clip as made.
@@ -54,6 +58,8 @@ FULL: dict[Task, float] = {Task.SMILE: 0.25, Task.EYE_CLOSURE: 0.45, Task.BROW_R
 #: AI 1 right still.
 AMPLITUDES: tuple[tuple[float, float], ...] = ((1.0, 1.0), (1.0, 0.7), (0.4, 1.0), (1.0, 0.0))
 
+#: The fraction of its motion a ``partial`` case's half keeps.
+PARTIAL = 0.5
 #: Still faces: (split, tasks the face supports).
 PHOTOS: dict[str, tuple[str, tuple[Task, ...]]] = {
     "man": ("tune", tuple(Task)),
@@ -79,6 +85,7 @@ class Case:
     motion: str
     left: float = 1.0
     right: float = 1.0
+    #: The frozen side (``freeze``) or the weakened one (``partial``).
     frozen: Side | None = None
 
     @property
@@ -93,11 +100,13 @@ class Case:
             return None
         if self.kind == "freeze":
             return 1.0
+        if self.kind == "partial":
+            return None
         return self.task_motion.expected_asymmetry_index
 
     @property
     def truth_weaker(self) -> str | None:
-        if self.kind == "freeze":
+        if self.kind in ("freeze", "partial"):
             return None if self.frozen is None else self.frozen.value
         if self.kind == "healthy":
             return None
@@ -106,8 +115,9 @@ class Case:
 
     @property
     def analyse_task(self) -> Task | None:
-        """The task given to the engine: None (``--task auto``) for frozen halves, which must be found."""
-        return None if self.kind == "freeze" else self.task
+        """The task given to the engine: None (``--task auto``) for frozen and partial halves, which must
+        be found."""
+        return None if self.kind in ("freeze", "partial") else self.task
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -134,6 +144,10 @@ def cases(motions: tuple[str, ...] = ("off", "inplane", "turn")) -> list[Case]:
             for side in Side:
                 out.append(Case(
                     f"{clip}-frozen-{side.value}-{motion}", split, "freeze", clip, Task.SMILE, motion,
+                    frozen=side,
+                ))
+                out.append(Case(
+                    f"{clip}-partial-{side.value}-{motion}", split, "partial", clip, Task.SMILE, motion,
                     frozen=side,
                 ))
     for clip, split in CLIPS.items():
@@ -218,9 +232,10 @@ def make_case(case: Case, src: Sources) -> Path:
         face = load_face(photo_path(case.source, src))
         ph = render(face, PhantomSpec(motions=(case.task_motion,)))
         out.write_bytes(encode_mp4(frames_with_head_motion(ph, spec), ph.fps))
-    elif case.kind == "freeze":
+    elif case.kind in ("freeze", "partial"):
         assert case.frozen is not None
         freeze_half(clip_path(case.source, src), case.frozen, out, in_head_frame=True,
+                    amplitude=PARTIAL if case.kind == "partial" else 0.0,
                     head_motion=None if spec.still else spec)
     else:
         from service.engine.landmarks import detect_image
