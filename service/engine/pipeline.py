@@ -357,7 +357,7 @@ def _pixel_displacements(
     z = rest3d[:, 2] * crops.scale
     # Only inside the face's outline: hairline and background corners do not turn with the head (README,
     # "Stable corners inside the face's outline").
-    outline = crops.to_crop(pts[anchor, list(nz.FACE_OVAL), :2])
+    outline = crops.to_crop(pts[anchor, list(nz.FACE_OVAL)])
     corners = hm.stable_corners(anchor_crop, st_seeds, hm.CORNER_RADIUS_D * d_crop, outline=outline)
     stable_window = lk_window(WINDOW_D, crops)
     st_tracked = track_points_from(crops.crops, anchor, lo, hi, corners, window_px=stable_window)

@@ -60,6 +60,8 @@ AMPLITUDES: tuple[tuple[float, float], ...] = ((1.0, 1.0), (1.0, 0.7), (0.4, 1.0
 
 #: The fraction of its motion a ``partial`` case's half keeps.
 PARTIAL = 0.5
+#: Kinds made from a real clip with one half changed (frozen or partial): truth the side, ``--task auto``.
+HALF_KINDS = ("freeze", "partial")
 #: Still faces: (split, tasks the face supports).
 PHOTOS: dict[str, tuple[str, tuple[Task, ...]]] = {
     "man": ("tune", tuple(Task)),
@@ -106,7 +108,7 @@ class Case:
 
     @property
     def truth_weaker(self) -> str | None:
-        if self.kind in ("freeze", "partial"):
+        if self.kind in HALF_KINDS:
             return None if self.frozen is None else self.frozen.value
         if self.kind == "healthy":
             return None
@@ -117,7 +119,7 @@ class Case:
     def analyse_task(self) -> Task | None:
         """The task given to the engine: None (``--task auto``) for frozen and partial halves, which must
         be found."""
-        return None if self.kind in ("freeze", "partial") else self.task
+        return None if self.kind in HALF_KINDS else self.task
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -232,7 +234,7 @@ def make_case(case: Case, src: Sources) -> Path:
         face = load_face(photo_path(case.source, src))
         ph = render(face, PhantomSpec(motions=(case.task_motion,)))
         out.write_bytes(encode_mp4(frames_with_head_motion(ph, spec), ph.fps))
-    elif case.kind in ("freeze", "partial"):
+    elif case.kind in HALF_KINDS:
         assert case.frozen is not None
         freeze_half(clip_path(case.source, src), case.frozen, out, in_head_frame=True,
                     amplitude=PARTIAL if case.kind == "partial" else 0.0,

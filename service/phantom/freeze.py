@@ -180,9 +180,6 @@ def freeze_frames_in_head_frame(
     the expression's motion alone (first order, as :func:`scale_frames`).
     """
     h, w = mask.shape
-    dis = cv2.DISOpticalFlow.create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    back = np.float32(1.0 - amplitude)
     for f, sim in head_similarities(frames, reference, ref_landmarks):
         ref = cv2.warpAffine(
             reference, sim, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
@@ -190,13 +187,8 @@ def freeze_frames_in_head_frame(
         m = cv2.warpAffine(mask, sim, (w, h), flags=cv2.INTER_LINEAR)
         if amplitude == 0.0:
             yield next(freeze_frames(iter([f]), ref, m))
-            continue
-        gray = cv2.cvtColor(f, cv2.COLOR_RGB2GRAY)
-        flow = np.asarray(dis.calc(cv2.cvtColor(ref, cv2.COLOR_RGB2GRAY), gray, None))  # type: ignore[call-overload]
-        moved = cv2.remap(f, xx + back * flow[..., 0], yy + back * flow[..., 1], cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)
-        mm = m[..., None]
-        yield np.rint(moved.astype(np.float32) * mm + f.astype(np.float32) * (1.0 - mm)).astype(np.uint8)
+        else:  # the reference moves with the head, so each frame is scaled against its own
+            yield next(scale_frames(iter([f]), ref, m, amplitude))
 
 
 def decode_clip(path: Path) -> tuple[Generator[np.ndarray, None, None], float, int, int]:
